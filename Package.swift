@@ -1,0 +1,105 @@
+// swift-tools-version: 6.2
+// Ledger: an idempotent, double-entry wallet service on PostgreSQL.
+//
+// Layers (arrows point one way only):
+//   CLibPQ -> PostgresClient -> LedgerStore <- LedgerCore (pure domain, no I/O)
+//   LedgerStore, LedgerCore -> LedgerHTTP (Hummingbird 2) -> ledger (the one executable)
+import PackageDescription
+
+let swiftSettings: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("MemberImportVisibility"),
+]
+
+let package = Package(
+    name: "ledger",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "ledger", targets: ["ledger"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", exact: "2.28.1"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "4.5.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-http-types.git", from: "1.8.0"),
+    ],
+    targets: [
+        // libpq from Debian's libpq-dev, through pkg-config.
+        .systemLibrary(
+            name: "CLibPQ",
+            pkgConfig: "libpq",
+            providers: [.apt(["libpq-dev"])]
+        ),
+        // Our thin, safe libpq wrapper: connections on threads made for blocking work, a bounded pool.
+        .target(
+            name: "PostgresClient",
+            dependencies: [
+                "CLibPQ",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        // The domain: request decoding and validation, idempotency keys, problem codes. No I/O.
+        .target(
+            name: "LedgerCore",
+            dependencies: [],
+            swiftSettings: swiftSettings
+        ),
+        // The ledger's SQL: migrations, the transfer function call, tokens, verify.
+        .target(
+            name: "LedgerStore",
+            dependencies: [
+                "PostgresClient",
+                "LedgerCore",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        // The HTTP API on Hummingbird 2.
+        .target(
+            name: "LedgerHTTP",
+            dependencies: [
+                "LedgerCore",
+                "LedgerStore",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "ledger",
+            dependencies: [
+                "LedgerHTTP",
+                "LedgerStore",
+                "LedgerCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        // Test helpers shared by the test targets: throw-away databases on the PostgreSQL that scripts/test starts.
+        .target(
+            name: "LedgerTestSupport",
+            dependencies: ["PostgresClient", .product(name: "Logging", package: "swift-log")],
+            path: "Tests/LedgerTestSupport",
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "PostgresClientTests", dependencies: ["PostgresClient", "LedgerTestSupport"],
+            swiftSettings: swiftSettings),
+        .testTarget(name: "LedgerCoreTests", dependencies: ["LedgerCore"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "LedgerStoreTests",
+            dependencies: ["LedgerStore", "PostgresClient", "LedgerCore", "LedgerTestSupport"],
+            swiftSettings: swiftSettings),
+    ]
+)

@@ -1,0 +1,207 @@
+import Crypto
+import Foundation
+import LedgerCore
+import Logging
+import PostgresClient
+
+/// The ledger's operations, each one call of a SQL function in sql/ (one round trip, one transaction).
+///
+/// The rules live in SQL, tested against PostgreSQL; this type only binds parameters, reads results, and retries
+/// transactions the database rolled back as a serialization failure or deadlock.
+public struct LedgerStore: Sendable {
+    public struct Options: Sendable {
+        /// How long a request waits for another execution of the same idempotency key, in milliseconds, before
+        /// answering 409 idempotency-key-in-progress. Default 5,000.
+        public var keyWaitMilliseconds: Int
+        /// Attempts after the first for a transaction rolled back by a serialization failure or deadlock. Default 3.
+        public var conflictRetriesMax: Int
+
+        public init(keyWaitMilliseconds: Int = 5_000, conflictRetriesMax: Int = 3) {
+            precondition(keyWaitMilliseconds >= 1, "keyWaitMilliseconds must be positive")
+            precondition(conflictRetriesMax >= 0, "conflictRetriesMax must not be negative")
+            self.keyWaitMilliseconds = keyWaitMilliseconds
+            self.conflictRetriesMax = conflictRetriesMax
+        }
+    }
+
+    public let pool: PostgresPool
+    public let options: Options
+    let logger: Logger
+
+    public init(pool: PostgresPool, options: Options = Options(), logger: Logger) {
+        self.pool = pool
+        self.options = options
+        self.logger = logger
+    }
+
+    // MARK: Transfers
+
+    public enum PostOutcome: Sendable, Equatable {
+        /// Executed now; the outcome (201 transfer or a 404/422 problem) is stored for replay.
+        case executed(status: Int, body: String)
+        /// The key completed before with this same request: its stored answer.
+        case replayed(status: Int, body: String)
+        /// The key completed before with another request.
+        case reused
+        /// Another execution of the key still holds it.
+        case inProgress
+    }
+
+    /// Executes a credit, debit or transfer exactly once per (client, key).
+    public func post(client: String, key: IdempotencyKey, request: TransferRequest) async throws -> PostOutcome {
+        let binds: [PostgresBind] = [
+            .string(client), .string(key.value), .string(request.fingerprintText),
+            request.from.map { .string($0) } ?? .null, request.to.map { .string($0) } ?? .null,
+            .int64(request.amount), .string(request.currency), .json(request.metadataJSON),
+            .int32(Int32(clamping: options.keyWaitMilliseconds)),
+        ]
+        let rows = try await retryingConflicts {
+            try await pool.query(
+                "SELECT outcome, status_code, response_body FROM ledger.post_transfer($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                binds)
+        }
+        let row = rows.rows[0]
+        let status = try row.decode(Int.self, "status_code")
+        switch try row.decode(String.self, "outcome") {
+        case "executed": return .executed(status: status, body: try row.decode(String.self, "response_body"))
+        case "replayed": return .replayed(status: status, body: try row.decode(String.self, "response_body"))
+        case "reused": return .reused
+        case "in_progress": return .inProgress
+        case let other:
+            throw PostgresError(code: .decoding, message: "unknown outcome \(other) from ledger.post_transfer")
+        }
+    }
+
+    /// The transfer's JSON, or nil when the client has no such transfer.
+    public func transfer(client: String, id: String) async throws -> String? {
+        // Ids are decimal integers; anything else cannot name a transfer.
+        guard id.utf8.count <= 19, id.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), let number = Int64(id) else {
+            return nil
+        }
+        let rows = try await pool.query(
+            "SELECT ledger.transfer_json(t) AS body FROM ledger.transfers t WHERE t.client_id = $1 AND t.id = $2",
+            [.string(client), .int64(number)])
+        return try rows.first?.decode(String.self, "body")
+    }
+
+    // MARK: Accounts
+
+    public enum PutAccountOutcome: Sendable, Equatable {
+        case created(body: String)
+        case unchanged(body: String)
+        case conflict
+    }
+
+    public func putAccount(client: String, id: String, request: AccountRequest) async throws -> PutAccountOutcome {
+        let rows = try await retryingConflicts {
+            try await pool.query(
+                "SELECT status_code, response_body FROM ledger.put_account($1, $2, $3, $4)",
+                [.string(client), .string(id), .string(request.currency), .bool(request.allowNegative)])
+        }
+        let row = rows.rows[0]
+        switch try row.decode(Int.self, "status_code") {
+        case 201: return .created(body: try row.decode(String.self, "response_body"))
+        case 200: return .unchanged(body: try row.decode(String.self, "response_body"))
+        default: return .conflict
+        }
+    }
+
+    /// The account's JSON, or nil when the client has no such account.
+    public func account(client: String, id: String) async throws -> String? {
+        let rows = try await pool.query(
+            "SELECT ledger.account_json(a) AS body FROM ledger.accounts a WHERE a.client_id = $1 AND a.id = $2",
+            [.string(client), .string(id)])
+        return try rows.first?.decode(String.self, "body")
+    }
+
+    /// One page of entries as `{"entries":[...],"next_cursor":...}`, or nil when the account does not exist.
+    public func entries(client: String, account: String, page: EntriesPage) async throws -> String? {
+        let rows = try await pool.query(
+            "SELECT entries_json, last_version, has_more FROM ledger.entries_page($1, $2, $3, $4)",
+            [
+                .string(client), .string(account), page.beforeVersion.map { .int64($0) } ?? .null,
+                .int32(Int32(page.limit)),
+            ])
+        guard let row = rows.first else { return nil }
+        let entries = try row.decode(String.self, "entries_json")
+        var cursor = "null"
+        if try row.decode(Bool.self, "has_more"), let last = try row.decodeIfPresent(Int64.self, "last_version") {
+            cursor = JSONValue.quoted(Cursor.encode(account: account, beforeVersion: last))
+        }
+        return "{\"entries\":\(entries),\"next_cursor\":\(cursor)}"
+    }
+
+    // MARK: Clients and tokens
+
+    /// The client a bearer token acts for, or nil for an unknown token. Looked up by SHA-256: the token itself is
+    /// never stored nor sent to the database.
+    public func client(forToken token: String) async throws -> String? {
+        let rows = try await pool.query(
+            "SELECT client_id FROM ledger.api_tokens WHERE token_sha256 = $1", [.bytea(Self.tokenDigest(token))])
+        return try rows.first?.decode(String.self, "client_id")
+    }
+
+    /// Creates the client if new and a new token for it; returns the token, which is not stored anywhere.
+    public func createToken(client: String) async throws -> String {
+        precondition(LedgerRules.isValidAccountID(client), "client names follow the account id pattern")
+        var generator = SystemRandomNumberGenerator()
+        let secret = (0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        let token = "ldg_" + secret.map { String(format: "%02x", $0) }.joined()
+        try await pool.withTransaction { connection in
+            try await connection.query(
+                "INSERT INTO ledger.clients (id) VALUES ($1) ON CONFLICT DO NOTHING", [.string(client)])
+            try await connection.query(
+                "INSERT INTO ledger.api_tokens (token_sha256, client_id) VALUES ($1, $2)",
+                [.bytea(Self.tokenDigest(token)), .string(client)])
+        }
+        return token
+    }
+
+    public static func tokenDigest(_ token: String) -> Data {
+        Data(SHA256.hash(data: Data(token.utf8)))
+    }
+
+    // MARK: Health and invariants
+
+    /// `SELECT 1`: the database answers.
+    public func ping() async throws {
+        try await pool.query("SELECT 1")
+    }
+
+    public struct Breach: Sendable, Equatable, CustomStringConvertible {
+        public var invariant: String
+        public var client: String
+        public var detail: String
+        public var description: String { "\(invariant): client \(client): \(detail)" }
+    }
+
+    /// Every breached invariant of the contract (view `ledger.invariant_breaches`); empty on a healthy ledger.
+    public func verify() async throws -> [Breach] {
+        let rows = try await pool.query(
+            "SELECT invariant, client_id, detail FROM ledger.invariant_breaches ORDER BY invariant, client_id, subject")
+        return try rows.rows.map { row in
+            Breach(
+                invariant: try row.decode(String.self, "invariant"), client: try row.decode(String.self, "client_id"),
+                detail: try row.decode(String.self, "detail"))
+        }
+    }
+
+    // MARK: Retries
+
+    /// Runs `body` again when the database rolled it back as a serialization failure or deadlock: by definition
+    /// nothing of it was committed, so running it again is safe. Bounded by `conflictRetriesMax`.
+    func retryingConflicts<T: Sendable>(_ body: () async throws -> T) async throws -> T {
+        var attempt = 0
+        while true {
+            do {
+                return try await body()
+            } catch let error as PostgresError where error.isTransientConflict && attempt < options.conflictRetriesMax {
+                attempt += 1
+                logger.debug(
+                    "retrying after a transient conflict",
+                    metadata: ["db.sqlstate": "\(error.sqlState ?? "")", "retry.attempt": "\(attempt)"])
+                try await Task.sleep(for: .milliseconds(5 * attempt))
+            }
+        }
+    }
+}

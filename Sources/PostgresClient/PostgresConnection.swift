@@ -1,0 +1,276 @@
+import CLibPQ
+import Foundation
+import NIOPosix
+
+/// One libpq connection.
+///
+/// Why every call hops to a thread pool: libpq's `PQexecParams`, `PQconnectdbParams` and friends block the calling
+/// thread until the server answers. Swift's cooperative pool has one thread per core (two here) and NIO's event loops
+/// must never block, so a libpq call made on either would stall every other task or socket for the length of a
+/// query. Each call therefore runs on a `NIOThreadPool` thread, made for blocking work, and the calling task simply
+/// suspends until it is done.
+///
+/// Why `@unchecked Sendable` is sound: a connection is used by one task at a time (the pool hands it out
+/// exclusively, and a lease holder awaits each call before making the next), so no two libpq calls on one `PGconn`
+/// ever overlap; the handle itself is only touched inside those calls.
+public final class PostgresConnection: @unchecked Sendable {
+    private var handle: OpaquePointer?
+    private let threadPool: NIOThreadPool
+
+    init(handle: OpaquePointer, threadPool: NIOThreadPool) {
+        self.handle = handle
+        self.threadPool = threadPool
+    }
+
+    deinit {
+        if let handle { PQfinish(handle) }
+    }
+
+    /// Opens a connection on the thread pool.
+    static func connect(
+        configuration: PostgresConfiguration, threadPool: NIOThreadPool
+    ) async throws -> PostgresConnection {
+        let handle = try await threadPool.runIfActive {
+            try SendableHandle(connectBlocking(configuration: configuration))
+        }
+        return PostgresConnection(handle: handle.pointer, threadPool: threadPool)
+    }
+
+    // MARK: Statements
+
+    /// Runs one parameterised statement (`$1`, `$2`, ...) and returns its rows.
+    @discardableResult
+    public func query(_ sql: String, _ binds: [PostgresBind] = []) async throws -> PostgresRows {
+        try await threadPool.runIfActive { try self.queryBlocking(sql, binds) }
+    }
+
+    /// Runs `body` in a transaction: BEGIN, then COMMIT, or ROLLBACK when `body` throws.
+    ///
+    /// A COMMIT that fails, or that answers ROLLBACK because an earlier statement failed, throws: it is never taken
+    /// for success. A COMMIT whose answer was lost throws `.commitOutcomeUnknown`, and the connection is broken so the
+    /// pool discards it.
+    public func withTransaction<T: Sendable>(
+        _ body: (PostgresConnection) async throws -> T
+    ) async throws -> T {
+        try await query("BEGIN")
+        let value: T
+        do {
+            value = try await body(self)
+        } catch {
+            // A failed ROLLBACK leaves the connection in an unknown state: close it so the pool replaces it.
+            do { try await query("ROLLBACK") } catch { close() }
+            throw error
+        }
+        try await commit()
+        return value
+    }
+
+    private func commit() async throws {
+        let rows: PostgresRows
+        do {
+            rows = try await query("COMMIT")
+        } catch let error as PostgresError where error.code == .connectionLost {
+            close()
+            throw PostgresError(
+                code: .commitOutcomeUnknown, message: "connection lost while waiting for COMMIT: \(error.message)")
+        }
+        guard rows.commandTag == "COMMIT" else {
+            throw PostgresError(
+                code: .transactionRolledBack,
+                message: "COMMIT answered \(rows.commandTag): an earlier statement failed, nothing was committed")
+        }
+    }
+
+    // MARK: State
+
+    /// Whether the connection can be handed out again: open and outside any transaction.
+    ///
+    /// `PQconsumeInput` reads whatever the server sent while we were idle without blocking (libpq keeps its socket
+    /// non-blocking), so a backend killed by `pg_terminate_backend` or a server restart is noticed here. A killed
+    /// backend first sends its FATAL message, then closes: the first read takes the message, a second one sees the
+    /// end of the stream.
+    var isReusable: Bool {
+        guard let handle else { return false }
+        for _ in 0..<2 where PQconsumeInput(handle) == 0 { return false }
+        return PQstatus(handle) == CONNECTION_OK && PQtransactionStatus(handle) == PQTRANS_IDLE
+    }
+
+    /// Closes the connection now; later calls fail with `.connectionLost`.
+    public func close() {
+        if let handle {
+            PQfinish(handle)
+            self.handle = nil
+        }
+    }
+
+    /// The backend's process id, for `pg_terminate_backend` in tests and for logs.
+    public var backendPID: Int32 {
+        guard let handle else { return 0 }
+        return PQbackendPID(handle)
+    }
+}
+
+/// A PGconn pointer passed from the thread that opened it to its owner.
+private struct SendableHandle: @unchecked Sendable {
+    let pointer: OpaquePointer
+    init(_ pointer: OpaquePointer) { self.pointer = pointer }
+}
+
+// MARK: - Blocking libpq calls (run only on the thread pool)
+
+extension PostgresConnection {
+    static func connectBlocking(configuration: PostgresConfiguration) throws -> OpaquePointer {
+        // Our defaults come first and the caller's conninfo after them, so anything the conninfo says wins
+        // (libpq: with expand_dbname, later values override earlier ones).
+        let pairs: [(String, String)] = [
+            ("connect_timeout", String(configuration.connectTimeoutSeconds)),
+            ("application_name", configuration.applicationName),
+            ("keepalives", "1"),
+            ("keepalives_idle", "30"),
+            ("keepalives_interval", "10"),
+            ("keepalives_count", "3"),
+            ("dbname", configuration.conninfo),
+        ]
+        let keywords = pairs.map { strdup($0.0) }
+        let values = pairs.map { strdup($0.1) }
+        defer {
+            keywords.forEach { free($0) }
+            values.forEach { free($0) }
+        }
+        var keywordPointers: [UnsafePointer<CChar>?] = keywords.map { UnsafePointer($0) } + [nil]
+        var valuePointers: [UnsafePointer<CChar>?] = values.map { UnsafePointer($0) } + [nil]
+        guard let handle = PQconnectdbParams(&keywordPointers, &valuePointers, 1) else {
+            throw PostgresError(code: .connectionFailed, message: "libpq could not allocate a connection")
+        }
+        guard PQstatus(handle) == CONNECTION_OK else {
+            let message = String(cString: PQerrorMessage(handle)).trimmingCharacters(in: .whitespacesAndNewlines)
+            PQfinish(handle)
+            throw PostgresError(code: .connectionFailed, message: message)
+        }
+        // Session settings: every statement is bounded in time, and timestamps are read in UTC.
+        let setup =
+            "SET statement_timeout = \(configuration.statementTimeoutMilliseconds); "
+            + "SET idle_in_transaction_session_timeout = \(configuration.idleInTransactionTimeoutMilliseconds); "
+            + "SET TIME ZONE 'UTC'"
+        let result = PQexec(handle, setup)
+        defer { PQclear(result) }
+        guard PQresultStatus(result) == PGRES_COMMAND_OK else {
+            let message = String(cString: PQerrorMessage(handle))
+            PQfinish(handle)
+            throw PostgresError(code: .connectionFailed, message: "session setup failed: \(message)")
+        }
+        return handle
+    }
+
+    func queryBlocking(_ sql: String, _ binds: [PostgresBind]) throws -> PostgresRows {
+        guard let handle else {
+            throw PostgresError(code: .connectionLost, message: "the connection is closed")
+        }
+        let buffers: [UnsafeMutablePointer<CChar>?] = binds.map { bind in
+            guard let bytes = bind.wireBytes else { return nil }
+            let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: bytes.count + 1)
+            bytes.withUnsafeBufferPointer { source in
+                source.withMemoryRebound(to: CChar.self) { buffer.update(from: $0.baseAddress!, count: bytes.count) }
+            }
+            buffer[bytes.count] = 0
+            return buffer
+        }
+        defer { buffers.forEach { $0?.deallocate() } }
+        let values: [UnsafePointer<CChar>?] = buffers.map { $0.map { UnsafePointer($0) } }
+        let lengths: [Int32] = binds.map { Int32($0.wireBytes?.count ?? 0) }
+        let formats: [Int32] = binds.map(\.format)
+        let types: [Oid] = binds.map { Oid($0.typeOID) }
+
+        let result = PQexecParams(handle, sql, Int32(binds.count), types, values, lengths, formats, 0)
+        defer { PQclear(result) }
+        return try Self.readResult(result, connection: handle)
+    }
+
+    static func readResult(_ result: OpaquePointer?, connection: OpaquePointer) throws -> PostgresRows {
+        guard let result else {
+            // libpq answers NULL on out-of-memory or when it could not even send the statement.
+            let message = String(cString: PQerrorMessage(connection))
+            let code: PostgresError.Code = PQstatus(connection) == CONNECTION_OK ? .unexpected : .connectionLost
+            throw PostgresError(code: code, message: message)
+        }
+        let status = PQresultStatus(result)
+        if status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK {
+            return copyRows(result)
+        }
+        throw error(from: result, connection: connection)
+    }
+
+    static func error(from result: OpaquePointer, connection: OpaquePointer) -> PostgresError {
+        func field(_ code: Int32) -> String? {
+            guard let pointer = PQresultErrorField(result, code) else { return nil }
+            return String(cString: pointer)
+        }
+        let sqlState = field(LEDGER_PG_DIAG_SQLSTATE)
+        let message =
+            field(LEDGER_PG_DIAG_MESSAGE_PRIMARY)
+            ?? String(cString: PQresultErrorMessage(result)).trimmingCharacters(in: .whitespacesAndNewlines)
+        // A result without a SQLSTATE on a broken connection is libpq telling us the server went away.
+        let lost = PQstatus(connection) != CONNECTION_OK
+        return PostgresError(
+            code: lost ? .connectionLost : .server,
+            sqlState: sqlState,
+            message: message,
+            detail: field(LEDGER_PG_DIAG_MESSAGE_DETAIL),
+            hint: field(LEDGER_PG_DIAG_MESSAGE_HINT),
+            constraint: field(LEDGER_PG_DIAG_CONSTRAINT_NAME)
+        )
+    }
+
+    static func copyRows(_ result: OpaquePointer) -> PostgresRows {
+        let rowCount = Int(PQntuples(result))
+        let columnCount = Int(PQnfields(result))
+        var names: [String] = []
+        var oids: [UInt32] = []
+        for column in 0..<columnCount {
+            names.append(String(cString: PQfname(result, Int32(column))))
+            oids.append(UInt32(PQftype(result, Int32(column))))
+        }
+        let layout = PostgresRow.ColumnLayout(names: names, typeOIDs: oids)
+        var rows: [PostgresRow] = []
+        rows.reserveCapacity(rowCount)
+        for row in 0..<rowCount {
+            var values: [String?] = []
+            values.reserveCapacity(columnCount)
+            for column in 0..<columnCount {
+                if PQgetisnull(result, Int32(row), Int32(column)) == 1 {
+                    values.append(nil)
+                    continue
+                }
+                let length = Int(PQgetlength(result, Int32(row), Int32(column)))
+                let pointer = PQgetvalue(result, Int32(row), Int32(column))!
+                let text = pointer.withMemoryRebound(to: UInt8.self, capacity: length) {
+                    String(decoding: UnsafeBufferPointer(start: $0, count: length), as: UTF8.self)
+                }
+                values.append(text)
+            }
+            rows.append(PostgresRow(layout: layout, values: values))
+        }
+        let tag = String(cString: PQcmdStatus(result))
+        let affected = Int(String(cString: PQcmdTuples(result))) ?? 0
+        return PostgresRows(columns: names, rows: rows, commandTag: tag, affectedRows: affected)
+    }
+}
+
+extension PostgresConnection {
+    /// Runs trusted SQL text that may hold several statements (a migration file), with no parameters.
+    ///
+    /// Only for SQL that ships with the program: it goes through the simple query protocol, which is why it takes no
+    /// binds and must never see input from a request.
+    public func executeScript(_ sql: String) async throws {
+        try await threadPool.runIfActive { try self.executeScriptBlocking(sql) }
+    }
+
+    func executeScriptBlocking(_ sql: String) throws {
+        guard let handle else {
+            throw PostgresError(code: .connectionLost, message: "the connection is closed")
+        }
+        let result = PQexec(handle, sql)
+        defer { PQclear(result) }
+        _ = try Self.readResult(result, connection: handle)
+    }
+}

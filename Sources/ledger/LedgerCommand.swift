@@ -1,0 +1,166 @@
+import ArgumentParser
+import Foundation
+import LedgerCore
+import LedgerHTTP
+import LedgerStore
+import Logging
+import PostgresClient
+
+/// `ledger`: the one executable. Thin: it reads flags and the environment, then calls into the libraries.
+@main
+struct LedgerCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ledger",
+        abstract: "An idempotent, double-entry wallet service on PostgreSQL.",
+        subcommands: [Serve.self, Migrate.self, Token.self, Verify.self]
+    )
+}
+
+/// Options every command shares.
+struct DatabaseOptions: ParsableArguments {
+    @Option(
+        name: .customLong("database-url"),
+        help: "libpq URI or conninfo string (env: DATABASE_URL; default: libpq's defaults, PGHOST etc.).")
+    var databaseURL: String?
+
+    @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical (env: LOG_LEVEL; default: info).")
+    var logLevel: String?
+
+    var conninfo: String { databaseURL ?? Environment.string("DATABASE_URL") ?? "" }
+
+    func makeLogger(label: String) throws -> Logger {
+        let levelName = logLevel ?? Environment.string("LOG_LEVEL") ?? "info"
+        guard let level = Logger.Level(rawValue: levelName.lowercased()) else {
+            throw ValidationError("log level \(levelName) is not one of trace, debug, info, notice, warning, error, critical")
+        }
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        return Logger(label: label)
+    }
+}
+
+/// Reads settings from the environment, refusing values that do not parse instead of silently using a default.
+enum Environment {
+    static func string(_ name: String) -> String? {
+        guard let value = ProcessInfo.processInfo.environment[name], !value.isEmpty else { return nil }
+        return value
+    }
+
+    static func int(_ name: String, flag: Int?, default defaultValue: Int, range: ClosedRange<Int>) throws -> Int {
+        let value: Int
+        if let flag {
+            value = flag
+        } else if let text = string(name) {
+            guard let parsed = Int(text) else { throw ValidationError("\(name)=\(text) is not an integer") }
+            value = parsed
+        } else {
+            value = defaultValue
+        }
+        guard range.contains(value) else {
+            throw ValidationError("\(name) must be within \(range.lowerBound)...\(range.upperBound), not \(value)")
+        }
+        return value
+    }
+
+    static func bool(_ name: String) -> Bool {
+        guard let value = string(name)?.lowercased() else { return false }
+        return ["1", "true", "yes", "on"].contains(value)
+    }
+}
+
+extension LedgerCommand {
+    struct Migrate: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Apply the pending SQL files of sql/ in order; safe to run from several processes at once.")
+
+        @OptionGroup var database: DatabaseOptions
+
+        @Option(name: .customLong("sql-dir"), help: "Directory of the migration files (env: LEDGER_SQL_DIR; default: ./sql, or sql/ beside the executable).")
+        var sqlDirectory: String?
+
+        func run() async throws {
+            let logger = try database.makeLogger(label: "ledger.migrate")
+            let directory = try sqlDirectory.map { URL(fileURLWithPath: $0) } ?? Migrator.locateDirectory()
+            let migrator = try Migrator.load(directory: directory, logger: logger)
+            let pool = PostgresPool(configuration: PostgresConfiguration(conninfo: database.conninfo, poolSizeMax: 1), logger: logger)
+            defer { Task { await pool.close() } }
+            let applied = try await withDatabaseErrors { try await migrator.migrate(pool: pool) }
+            await pool.close()
+            print(applied.isEmpty ? "ledger migrate: up to date" : "ledger migrate: applied \(applied.joined(separator: ", "))")
+        }
+    }
+
+    struct Token: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Manage bearer tokens.", subcommands: [Create.self])
+
+        struct Create: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Create the client if new and print a new bearer token for it (the last line of standard output). The token is shown once; only its SHA-256 is stored.")
+
+            @OptionGroup var database: DatabaseOptions
+
+            @Argument(help: "Client name: 1-64 characters matching [A-Za-z0-9][A-Za-z0-9._:-]{0,63}.")
+            var client: String
+
+            func validate() throws {
+                guard LedgerRules.isValidAccountID(client) else {
+                    throw ValidationError("client name must match [A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+                }
+            }
+
+            func run() async throws {
+                let logger = try database.makeLogger(label: "ledger.token")
+                let pool = PostgresPool(configuration: PostgresConfiguration(conninfo: database.conninfo, poolSizeMax: 1), logger: logger)
+                let store = LedgerStore(pool: pool, logger: logger)
+                let token = try await withDatabaseErrors { try await store.createToken(client: client) }
+                await pool.close()
+                FileHandle.standardError.write(Data("created a token for client \(client); it is shown once:\n".utf8))
+                print(token)
+            }
+        }
+    }
+
+    struct Verify: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Check every ledger invariant; exit 0 when all hold, 1 with one line per breach (2 if the check could not run).")
+
+        @OptionGroup var database: DatabaseOptions
+
+        func run() async throws {
+            let logger = try database.makeLogger(label: "ledger.verify")
+            let pool = PostgresPool(configuration: PostgresConfiguration(conninfo: database.conninfo, statementTimeoutMilliseconds: 0, poolSizeMax: 1), logger: logger)
+            let store = LedgerStore(pool: pool, logger: logger)
+            let breaches: [LedgerStore.Breach]
+            do {
+                breaches = try await store.verify()
+            } catch let error as PostgresError {
+                await pool.close()
+                FileHandle.standardError.write(Data("ledger verify: could not check: \(error.debugDescription)\n".utf8))
+                throw ExitCode(2)
+            }
+            await pool.close()
+            guard breaches.isEmpty else {
+                for breach in breaches { print(breach) }
+                throw ExitCode(1)
+            }
+            print("ledger verify: all invariants hold")
+        }
+    }
+}
+
+/// Turns a database failure into a one-line message and a non-zero exit, instead of a stack of types.
+func withDatabaseErrors<T>(_ body: () async throws -> T) async throws -> T {
+    do {
+        return try await body()
+    } catch let error as PostgresError {
+        FileHandle.standardError.write(Data("ledger: database error: \(error.debugDescription)\n".utf8))
+        throw ExitCode(2)
+    } catch let error as Migrator.Failure {
+        FileHandle.standardError.write(Data("ledger: \(error)\n".utf8))
+        throw ExitCode(2)
+    }
+}

@@ -1,0 +1,91 @@
+import ArgumentParser
+import Foundation
+import Hummingbird
+import LedgerHTTP
+import LedgerStore
+import PostgresClient
+
+extension LedgerCommand {
+    struct Serve: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Serve the HTTP API. Applies pending migrations first unless --no-migrate; stops gracefully on SIGTERM and SIGINT.")
+
+        @OptionGroup var database: DatabaseOptions
+
+        @Option(name: .customLong("hostname"), help: "Address to listen on (env: HOST; default: 127.0.0.1).")
+        var hostname: String?
+
+        @Option(name: .customLong("port"), help: "Port to listen on (env: PORT; default: 8080).")
+        var port: Int?
+
+        @Flag(name: .customLong("no-migrate"), help: "Do not apply pending migrations at start (env: LEDGER_NO_MIGRATE=1).")
+        var noMigrate = false
+
+        @Option(name: .customLong("sql-dir"), help: "Directory of the migration files (env: LEDGER_SQL_DIR; default: ./sql, or sql/ beside the executable).")
+        var sqlDirectory: String?
+
+        @Option(name: .customLong("pool-size"), help: "PostgreSQL connections at most (env: LEDGER_POOL_SIZE; default: 16).")
+        var poolSize: Int?
+
+        @Option(name: .customLong("pool-acquire-wait-ms"), help: "How long a request waits for a free connection before 503, in ms (env: LEDGER_POOL_ACQUIRE_WAIT_MS; default: 5000).")
+        var poolAcquireWaitMilliseconds: Int?
+
+        @Option(name: .customLong("connect-timeout-s"), help: "libpq connect_timeout in seconds, at least 2 (env: LEDGER_CONNECT_TIMEOUT_S; default: 5).")
+        var connectTimeoutSeconds: Int?
+
+        @Option(name: .customLong("statement-timeout-ms"), help: "statement_timeout of every connection in ms; a statement over it is 503 (env: LEDGER_STATEMENT_TIMEOUT_MS; default: 10000).")
+        var statementTimeoutMilliseconds: Int?
+
+        @Option(name: .customLong("key-wait-ms"), help: "How long a request waits for another execution of the same Idempotency-Key before 409 idempotency-key-in-progress, in ms (env: LEDGER_KEY_WAIT_MS; default: 5000).")
+        var keyWaitMilliseconds: Int?
+
+        @Option(name: .customLong("conflict-retries-max"), help: "Retries of a transaction rolled back by a serialization failure or deadlock (env: LEDGER_CONFLICT_RETRIES_MAX; default: 3).")
+        var conflictRetriesMax: Int?
+
+        @Option(name: .customLong("body-bytes-max"), help: "Largest request body in bytes; larger is 413 (env: LEDGER_BODY_BYTES_MAX; default: 65536).")
+        var bodyBytesMax: Int?
+
+        @Option(name: .customLong("retry-after-s"), help: "Retry-After seconds on 503 and 409 in-progress (env: LEDGER_RETRY_AFTER_S; default: 1).")
+        var retryAfterSeconds: Int?
+
+        @Option(name: .customLong("auth-cache-ttl-ms"), help: "How long a known token is cached in memory, in ms (env: LEDGER_AUTH_CACHE_TTL_MS; default: 30000).")
+        var authCacheTTLMilliseconds: Int?
+
+        func run() async throws {
+            let logger = try database.makeLogger(label: "ledger")
+            let postgres = PostgresConfiguration(
+                conninfo: database.conninfo,
+                connectTimeoutSeconds: try Environment.int(
+                    "LEDGER_CONNECT_TIMEOUT_S", flag: connectTimeoutSeconds, default: 5, range: 2...600),
+                statementTimeoutMilliseconds: try Environment.int(
+                    "LEDGER_STATEMENT_TIMEOUT_MS", flag: statementTimeoutMilliseconds, default: 10_000, range: 1...3_600_000),
+                poolSizeMax: try Environment.int("LEDGER_POOL_SIZE", flag: poolSize, default: 16, range: 1...1_000),
+                acquireWaitMax: .milliseconds(
+                    try Environment.int(
+                        "LEDGER_POOL_ACQUIRE_WAIT_MS", flag: poolAcquireWaitMilliseconds, default: 5_000, range: 1...600_000))
+            )
+            let configuration = ServeConfiguration(
+                hostname: hostname ?? Environment.string("HOST") ?? "127.0.0.1",
+                port: try Environment.int("PORT", flag: port, default: 8080, range: 0...65_535),
+                postgres: postgres,
+                store: LedgerStore.Options(
+                    keyWaitMilliseconds: try Environment.int(
+                        "LEDGER_KEY_WAIT_MS", flag: keyWaitMilliseconds, default: 5_000, range: 1...600_000),
+                    conflictRetriesMax: try Environment.int(
+                        "LEDGER_CONFLICT_RETRIES_MAX", flag: conflictRetriesMax, default: 3, range: 0...100)),
+                http: HTTPOptions(
+                    bodyBytesMax: try Environment.int(
+                        "LEDGER_BODY_BYTES_MAX", flag: bodyBytesMax, default: 65_536, range: 1...(64 << 20)),
+                    retryAfterSeconds: try Environment.int(
+                        "LEDGER_RETRY_AFTER_S", flag: retryAfterSeconds, default: 1, range: 0...3_600),
+                    authCacheTTL: .milliseconds(
+                        try Environment.int(
+                            "LEDGER_AUTH_CACHE_TTL_MS", flag: authCacheTTLMilliseconds, default: 30_000, range: 0...3_600_000))),
+                migrateAtStart: !(noMigrate || Environment.bool("LEDGER_NO_MIGRATE")),
+                migrationsDirectory: sqlDirectory ?? Environment.string("LEDGER_SQL_DIR")
+            )
+            let app = try buildApplication(configuration: configuration, logger: logger)
+            try await app.runService()
+        }
+    }
+}
