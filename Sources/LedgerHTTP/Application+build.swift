@@ -12,6 +12,7 @@ public struct ServeConfiguration: Sendable {
     public var postgres: PostgresConfiguration
     public var store: LedgerStore.Options
     public var http: HTTPOptions
+    public var retention: RetentionOptions
     /// Apply pending migrations before accepting requests. Default true.
     public var migrateAtStart: Bool
     /// Where the migrations are (found by `Migrator.locateDirectory` when nil).
@@ -19,7 +20,8 @@ public struct ServeConfiguration: Sendable {
 
     public init(
         hostname: String = "127.0.0.1", port: Int = 8080, postgres: PostgresConfiguration,
-        store: LedgerStore.Options = .init(), http: HTTPOptions = .init(), migrateAtStart: Bool = true,
+        store: LedgerStore.Options = .init(), http: HTTPOptions = .init(), retention: RetentionOptions = .init(),
+        migrateAtStart: Bool = true,
         migrationsDirectory: String? = nil
     ) {
         self.hostname = hostname
@@ -27,6 +29,7 @@ public struct ServeConfiguration: Sendable {
         self.postgres = postgres
         self.store = store
         self.http = http
+        self.retention = retention
         self.migrateAtStart = migrateAtStart
         self.migrationsDirectory = migrationsDirectory
     }
@@ -55,7 +58,8 @@ public func buildApplication(
         configuration: .init(address: .hostname(configuration.hostname, port: configuration.port), serverName: nil),
         logger: logger
     )
-    app.addServices(PoolService(pool: pool))
+    app.addServices(
+        PoolService(pool: pool), PurgeService(store: store, options: configuration.retention, logger: logger))
     if configuration.migrateAtStart {
         let directory = try configuration.migrationsDirectory.map { URL(fileURLWithPath: $0) }
             ?? Migrator.locateDirectory()

@@ -205,3 +205,24 @@ public struct LedgerStore: Sendable {
         }
     }
 }
+
+// MARK: - Retention
+
+extension LedgerStore {
+    /// Deletes stored responses older than `retention`, in batches of `batchSize`, until none is left or
+    /// `batchesMax` batches ran. Returns how many were deleted.
+    public func purgeStoredResponses(retention: Duration, batchSize: Int, batchesMax: Int) async throws -> Int {
+        precondition(batchSize >= 1 && batchesMax >= 1, "purge bounds must be positive")
+        let milliseconds = retention.components.seconds * 1_000 + retention.components.attoseconds / 1_000_000_000_000_000
+        var total = 0
+        for _ in 0..<batchesMax {
+            let deleted = try await pool.query(
+                "SELECT ledger.purge_idempotency_keys(make_interval(secs => $1::float8 / 1000), $2) AS deleted",
+                [.int64(milliseconds), .int32(Int32(clamping: batchSize))]
+            ).rows[0].decode(Int.self, "deleted")
+            total += deleted
+            if deleted < batchSize { break }
+        }
+        return total
+    }
+}

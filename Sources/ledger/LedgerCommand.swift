@@ -12,7 +12,7 @@ struct LedgerCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ledger",
         abstract: "An idempotent, double-entry wallet service on PostgreSQL.",
-        subcommands: [Serve.self, Migrate.self, Token.self, Verify.self]
+        subcommands: [Serve.self, Migrate.self, Token.self, Verify.self, Purge.self]
     )
 }
 
@@ -148,6 +148,34 @@ extension LedgerCommand {
                 throw ExitCode(1)
             }
             print("ledger verify: all invariants hold")
+        }
+    }
+}
+
+extension LedgerCommand {
+    struct Purge: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Delete stored responses older than the retention time, in bounded batches, and print how many. A key that made a transfer still answers with that transfer afterwards; a purged stored failure lets its key execute afresh.")
+
+        @OptionGroup var database: DatabaseOptions
+
+        @Option(name: .customLong("retention-s"), help: "Keep stored responses younger than this, in seconds (env: LEDGER_RETENTION_S; default: 86400).")
+        var retentionSeconds: Int?
+
+        @Option(name: .customLong("purge-batch-size"), help: "Rows deleted per statement (env: LEDGER_PURGE_BATCH_SIZE; default: 1000).")
+        var batchSize: Int?
+
+        func run() async throws {
+            let logger = try database.makeLogger(label: "ledger.purge")
+            let retention = try Environment.int("LEDGER_RETENTION_S", flag: retentionSeconds, default: 86_400, range: 0...(3_650 * 86_400))
+            let batch = try Environment.int("LEDGER_PURGE_BATCH_SIZE", flag: batchSize, default: 1_000, range: 1...100_000)
+            let pool = PostgresPool(configuration: PostgresConfiguration(conninfo: database.conninfo, poolSizeMax: 1), logger: logger)
+            let store = LedgerStore(pool: pool, logger: logger)
+            let deleted = try await withDatabaseErrors {
+                try await store.purgeStoredResponses(retention: .seconds(retention), batchSize: batch, batchesMax: Int.max)
+            }
+            await pool.close()
+            print("ledger purge: deleted \(deleted) stored responses older than \(retention) s")
         }
     }
 }

@@ -102,4 +102,49 @@ struct LedgerStoreTests {
         let stored = try await store.pool.query("SELECT encode(token_sha256, 'hex') AS h FROM ledger.api_tokens")
         for row in stored.rows { #expect(!token.contains(try row.decode(String.self, "h"))) }
     }
+
+    @Test("the purge deletes only expired stored responses, in batches; a purged transfer key still replays")
+    func purgeRetention() async throws {
+        let store = try await makeStore()
+        defer { Task { await store.pool.close() } }
+        _ = try await store.createToken(client: "acme")
+        _ = try await store.putAccount(client: "acme", id: "alice", request: AccountRequest(currency: "USD", allowNegative: false))
+        var bodies: [String: String] = [:]
+        for index in 0..<5 {
+            let credit = try request(.credit, #"{"account":"alice","amount":1,"currency":"USD"}"#)
+            guard case .executed(201, let body) = try await store.post(client: "acme", key: IdempotencyKey(unchecked: "old-\(index)"), request: credit) else {
+                Issue.record("credit \(index) did not execute")
+                return
+            }
+            bodies["old-\(index)"] = body
+        }
+        let debit = try request(.debit, #"{"account":"alice","amount":100,"currency":"USD"}"#)
+        #expect(try await store.post(client: "acme", key: IdempotencyKey(unchecked: "old-failure"), request: debit).status == 422)
+        _ = try await store.post(client: "acme", key: IdempotencyKey(unchecked: "fresh"), request: try request(.credit, #"{"account":"alice","amount":1,"currency":"USD"}"#))
+        try await store.pool.query("UPDATE ledger.idempotency_keys SET created_at = now() - interval '2 days' WHERE key LIKE 'old-%'")
+
+        let deleted = try await store.purgeStoredResponses(retention: .seconds(86_400), batchSize: 2, batchesMax: 100)
+        #expect(deleted == 6)
+        let left = try await store.pool.query("SELECT key FROM ledger.idempotency_keys").rows.map { try $0.decode(String.self, "key") }
+        #expect(left == ["fresh"])
+
+        // A late retry of a purged key that made a transfer gets that transfer back, byte for byte, and no second one.
+        let credit = try request(.credit, #"{"account":"alice","amount":1,"currency":"USD"}"#)
+        #expect(try await store.post(client: "acme", key: IdempotencyKey(unchecked: "old-3"), request: credit) == .replayed(status: 201, body: bodies["old-3"]!))
+        // A purged stored failure executes afresh: alice now has 6, so the debit of 100 fails again, and is stored again.
+        #expect(try await store.post(client: "acme", key: IdempotencyKey(unchecked: "old-failure"), request: debit).status == 422)
+        let transfers = try await store.pool.query("SELECT count(*) AS n FROM ledger.transfers").rows[0].decode(Int64.self, "n")
+        #expect(transfers == 6)
+        #expect(try await store.verify().isEmpty)
+    }
+}
+
+extension LedgerStore.PostOutcome {
+    var status: Int? {
+        switch self {
+        case .executed(let status, _), .replayed(let status, _): return status
+        case .reused: return 422
+        case .inProgress: return 409
+        }
+    }
 }
