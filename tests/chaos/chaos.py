@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""Chaos test: nothing lost, nothing twice, while the service is killed with SIGKILL and PostgreSQL crashes.
+
+Workers post transfers with unique Idempotency-Keys and retry every request that got no definitive answer with the
+same key and body. Meanwhile the service is killed with SIGKILL at random moments and restarted, and PostgreSQL is
+stopped in immediate mode (a crash) and restarted once. At the end:
+  - every acknowledged transfer (a 201 a worker received) exists exactly once, with the acknowledged body;
+  - every key that was acknowledged with a stored failure made no transfer;
+  - no key made two transfers, and no transfer exists that no worker asked for;
+  - `ledger verify` passes.
+Prints `chaos: N requests, K kills, L lost, D duplicated` and exits non-zero unless L and D are 0.
+
+Needs LEDGER_BIN, LEDGER_TEST_PG (admin conninfo without dbname) and LEDGER_TEST_PGDATA (the server's data directory,
+to crash and restart it); scripts/test sets all three. Bounded: LEDGER_CHAOS_SECONDS of load (default 40), then at
+most 60 s to settle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LEDGER_BIN = os.environ.get("LEDGER_BIN", os.path.join(ROOT, ".build/debug/ledger"))
+PG_ADMIN = os.environ["LEDGER_TEST_PG"]
+PG_DATA = os.environ["LEDGER_TEST_PGDATA"]
+PG_PORT = re.search(r"port=(\d+)", PG_ADMIN).group(1)
+LOAD_SECONDS = float(os.environ.get("LEDGER_CHAOS_SECONDS", "40"))
+SETTLE_SECONDS = 60.0
+WORKERS = 8
+KILLS_MIN = 5
+ACCOUNTS = [f"acct-{i}" for i in range(8)]
+
+
+def psql(db: str, sql: str) -> str:
+    out = subprocess.run(
+        ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", f"{PG_ADMIN} dbname={db}", "-c", sql],
+        check=True, capture_output=True, text=True,
+    )
+    return out.stdout.strip()
+
+
+def pg_control(action: str) -> None:
+    script = f'. "{ROOT}/scripts/pg.sh"; '
+    script += f'pg_stop "{PG_DATA}" immediate' if action == "crash" else f'pg_start "{PG_DATA}" {PG_PORT}'
+    subprocess.run(["bash", "-c", script], check=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """One `ledger serve` process that can be killed and restarted on the same port."""
+
+    def __init__(self, db: str, port: int, log_path: str):
+        self.db, self.port, self.log_path = db, port, log_path
+        self.proc: subprocess.Popen | None = None
+        self.kills = 0
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, DATABASE_URL=f"{PG_ADMIN} dbname={self.db}", LOG_LEVEL="warning")
+        self.proc = subprocess.Popen(
+            [LEDGER_BIN, "serve", "--port", str(self.port), "--pool-size", "8", "--key-wait-ms", "2000",
+             "--pool-acquire-wait-ms", "2000", "--connect-timeout-s", "2"],
+            env=env, stdout=log, stderr=log, cwd=ROOT,
+        )
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ledger serve exited with {self.proc.returncode}; see {self.log_path}")
+            time.sleep(0.1)
+        raise RuntimeError(f"ledger serve did not become healthy; see {self.log_path}")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.kills += 1
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+class Stats:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.acked: dict[str, tuple[int, str]] = {}   # key -> (status, first body)
+        self.replay_mismatch: list[str] = []
+        self.asked: set[str] = set()
+        self.unsettled: set[str] = set()
+
+
+def post(base: str, token: str, key: str, body: bytes) -> tuple[int, str] | None:
+    """One attempt; None when there was no definitive answer (connection refused or reset, timeout, 5xx, 409)."""
+    request = urllib.request.Request(
+        f"{base}/v1/transfers", data=body, method="POST",
+        headers={"Authorization": f"Bearer {token}", "Idempotency-Key": key, "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        text = error.read().decode()
+        if error.code in (404, 422):
+            code = json.loads(text).get("code")
+            if code in ("insufficient-funds", "account-not-found", "currency-mismatch", "balance-overflow"):
+                return error.code, text
+            raise AssertionError(f"unexpected {error.code} {text}")
+        if error.code >= 500 or error.code == 409:
+            return None
+        raise AssertionError(f"unexpected {error.code} {text}")
+    except (OSError, ConnectionError):
+        return None
+
+
+def worker(base: str, token: str, stats: Stats, load_until: float, hard_until: float, seed: int) -> None:
+    rng = random.Random(seed)
+    while time.time() < load_until:
+        src, dst = rng.sample(ACCOUNTS, 2)
+        key = f"chaos-{uuid.uuid4()}"
+        body = json.dumps({"from": src, "to": dst, "amount": rng.randint(1, 500), "currency": "USD",
+                           "metadata": {"worker": seed}}).encode()
+        with stats.lock:
+            stats.asked.add(key)
+        first = None
+        while time.time() < hard_until:
+            with stats.lock:
+                stats.requests += 1
+            answer = post(base, token, key, body)
+            if answer is None:
+                time.sleep(0.05)
+                continue
+            if first is None:
+                first = answer
+                with stats.lock:
+                    stats.acked[key] = answer
+                # Ask once more: a replay must give the very same status and bytes.
+                continue
+            if answer != first:
+                with stats.lock:
+                    stats.replay_mismatch.append(key)
+            break
+        else:
+            with stats.lock:
+                stats.unsettled.add(key)
+
+
+def main() -> int:
+    db = "chaos_" + uuid.uuid4().hex[:12]
+    psql("postgres", f"CREATE DATABASE {db}")
+    env = dict(os.environ, DATABASE_URL=f"{PG_ADMIN} dbname={db}")
+    subprocess.run([LEDGER_BIN, "migrate"], env=env, check=True, capture_output=True, cwd=ROOT)
+    token = subprocess.run([LEDGER_BIN, "token", "create", "chaos"], env=env, check=True, capture_output=True,
+                           text=True).stdout.strip().splitlines()[-1]
+    port = free_port()
+    service = Service(db, port, os.path.join(os.environ.get("TMPDIR", "/tmp"), f"{db}.log"))
+    service.start()
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    for account in ACCOUNTS:
+        urllib.request.urlopen(urllib.request.Request(
+            f"{base}/v1/accounts/{account}", data=b'{"currency":"USD"}', method="PUT", headers=headers), timeout=10)
+        urllib.request.urlopen(urllib.request.Request(
+            f"{base}/v1/credits", data=json.dumps({"account": account, "amount": 20_000, "currency": "USD"}).encode(),
+            method="POST", headers=dict(headers, **{"Idempotency-Key": f"fund-{account}"})), timeout=10)
+
+    stats = Stats()
+    started = time.time()
+    load_until = started + LOAD_SECONDS
+    hard_until = load_until + SETTLE_SECONDS
+    threads = [threading.Thread(target=worker, args=(base, token, stats, load_until, hard_until, i), daemon=True)
+               for i in range(WORKERS)]
+    for t in threads:
+        t.start()
+
+    # Kill the service at random moments; crash PostgreSQL once, between two kills.
+    rng = random.Random(7)
+    crash_after_kill = 2
+    interval = LOAD_SECONDS / (KILLS_MIN + 2)
+    while service.kills < KILLS_MIN or time.time() < load_until - interval:
+        time.sleep(rng.uniform(0.5, 1.5) * interval)
+        service.kill()
+        if service.kills == crash_after_kill:
+            pg_control("crash")
+            time.sleep(1.5)
+            pg_control("start")
+        service.start()
+        if time.time() > load_until + 10:
+            break
+
+    for t in threads:
+        t.join(timeout=max(1.0, hard_until - time.time() + 5))
+    service.stop()
+
+    # Check the database against what workers were told.
+    rows = psql(db, "SELECT t.idempotency_key, ledger.transfer_json(t) FROM ledger.transfers t "
+                    "WHERE t.client_id = 'chaos' AND t.idempotency_key LIKE 'chaos-%'")
+    transfers: dict[str, list[str]] = {}
+    for line in rows.splitlines():
+        key, body = line.split("|", 1)
+        transfers.setdefault(key, []).append(body)
+    lost = []
+    for key, (status, body) in stats.acked.items():
+        made = transfers.get(key, [])
+        if status == 201 and made != [body]:
+            lost.append(key)
+        if status != 201 and made:
+            lost.append(key)   # told it failed, but money moved
+    duplicated = [k for k, made in transfers.items() if len(made) > 1 or k not in stats.asked]
+    verify = subprocess.run([LEDGER_BIN, "verify"], env=env, capture_output=True, text=True)
+
+    created = sum(1 for s, _ in stats.acked.values() if s == 201)
+    print(f"chaos: {stats.requests} requests, {service.kills} kills, {len(lost)} lost, {len(duplicated)} duplicated")
+    print(f"chaos: {len(stats.asked)} keys, {created} transfers acknowledged, "
+          f"{len(stats.acked) - created} stored failures, {len(stats.unsettled)} unsettled, "
+          f"{len(stats.replay_mismatch)} replay mismatches, verify exit {verify.returncode}")
+    ok = (not lost and not duplicated and not stats.replay_mismatch and not stats.unsettled
+          and verify.returncode == 0 and service.kills >= KILLS_MIN and created > 0)
+    if not ok:
+        print(f"chaos: FAILED; lost={lost[:5]} duplicated={duplicated[:5]} mismatch={stats.replay_mismatch[:5]} "
+              f"unsettled={list(stats.unsettled)[:5]} verify={verify.stdout}{verify.stderr} log={service.log_path}")
+    else:
+        psql("postgres", f"DROP DATABASE {db} WITH (FORCE)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
