@@ -27,6 +27,14 @@ public struct Problem: Error, Sendable, Equatable {
     /// The type URI of a code: a stable name, not a page to fetch.
     public static func typeURI(_ code: String) -> String { "urn:ledger:problem:\(code)" }
 
+    /// The `code` of a problem+json body (a stored outcome rendered by the database), or nil.
+    public static func code(ofJSON json: String) -> String? {
+        guard let value = try? JSONParser.parse(Array(json.utf8)), case .string(let code)? = value["code"] else {
+            return nil
+        }
+        return code
+    }
+
     /// `{"type":...,"title":...,"status":...,"detail":...,"code":...}`, compact.
     public var jsonText: String {
         "{\"type\":\(JSONValue.quoted(Problem.typeURI(code))),\"title\":\(JSONValue.quoted(title)),"

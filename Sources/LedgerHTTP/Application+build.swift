@@ -3,6 +3,7 @@ import Hummingbird
 import LedgerStore
 import Logging
 import PostgresClient
+import Prometheus
 import ServiceLifecycle
 
 /// Everything `ledger serve` needs, read from flags and the environment by the executable.
@@ -48,11 +49,11 @@ struct PoolService: Service {
 
 /// Builds the whole service; `ledger serve` runs it and tests build the very same thing.
 public func buildApplication(
-    configuration: ServeConfiguration, logger: Logger
+    configuration: ServeConfiguration, metricsRegistry: PrometheusCollectorRegistry? = nil, logger: Logger
 ) throws -> some ApplicationProtocol {
     let pool = PostgresPool(configuration: configuration.postgres, logger: logger)
     let store = LedgerStore(pool: pool, options: configuration.store, logger: logger)
-    let api = LedgerAPI(store: store, options: configuration.http, logger: logger)
+    let api = LedgerAPI(store: store, options: configuration.http, metricsRegistry: metricsRegistry, logger: logger)
     var app = Application(
         responder: api,
         configuration: .init(address: .hostname(configuration.hostname, port: configuration.port), serverName: nil),

@@ -6,6 +6,7 @@ import LedgerCore
 import LedgerStore
 import Logging
 import PostgresClient
+import Prometheus
 
 /// The HTTP API of the contract.
 ///
@@ -18,25 +19,45 @@ public struct LedgerAPI: HTTPResponder {
     let authenticator: Authenticator
     let options: HTTPOptions
     let logger: Logger
+    /// Exported at GET /metrics; nil when metrics were not bootstrapped (they then go nowhere).
+    let metricsRegistry: PrometheusCollectorRegistry?
 
-    public init(store: LedgerStore, options: HTTPOptions, logger: Logger) {
+    public init(
+        store: LedgerStore, options: HTTPOptions, metricsRegistry: PrometheusCollectorRegistry? = nil, logger: Logger
+    ) {
         self.store = store
         self.authenticator = Authenticator(store: store, cacheTTL: options.authCacheTTL)
         self.options = options
+        self.metricsRegistry = metricsRegistry
         self.logger = logger
     }
 
     /// The routes, matched on path segments after the auth and size checks.
     enum Route: Equatable {
         case health
+        case metrics
+        case openAPI
         case account(String)
         case entries(String)
         case post(TransferRequest.Kind)
         case transfer(String)
 
+        /// The route template, for logs and metric labels (never the ids in the path).
+        var label: String {
+            switch self {
+            case .health: return "/health"
+            case .metrics: return "/metrics"
+            case .openAPI: return "/openapi.yaml"
+            case .account: return "/v1/accounts/{id}"
+            case .entries: return "/v1/accounts/{id}/entries"
+            case .post(let kind): return kind.path
+            case .transfer: return "/v1/transfers/{id}"
+            }
+        }
+
         var methods: [HTTPRequest.Method] {
             switch self {
-            case .health, .entries, .transfer: return [.get]
+            case .health, .metrics, .openAPI, .entries, .transfer: return [.get]
             case .account: return [.get, .put]
             case .post: return [.post]
             }
@@ -47,6 +68,8 @@ public struct LedgerAPI: HTTPResponder {
             let segments = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst().map(String.init)
             switch segments.count {
             case 1 where segments[0] == "health": return .health
+            case 1 where segments[0] == "metrics": return .metrics
+            case 1 where segments[0] == "openapi.yaml": return .openAPI
             case 2 where segments[0] == "v1":
                 switch segments[1] {
                 case "credits": return .post(.credit)
@@ -64,20 +87,44 @@ public struct LedgerAPI: HTTPResponder {
     }
 
     public func respond(to request: Request, context: Context) async throws -> Response {
+        let started = ContinuousClock.now
+        let trace = RequestTrace(requestID: RequestTrace.requestID(from: request.headers[.xRequestID]))
+        var response: Response
         do {
-            return try await handle(request)
+            response = try await handle(request, trace: trace)
         } catch let problem as Problem {
-            return .problem(problem)
+            trace.problemCode = problem.code
+            response = .problem(problem)
         } catch let error as PostgresError {
-            return .problem(problemFor(error))
+            let problem = problemFor(error, trace: trace)
+            trace.problemCode = problem.code
+            response = .problem(problem)
         } catch {
-            logger.error("unexpected error", metadata: ["error.type": "\(type(of: error))"])
-            return .problem(.internalError)
+            logger.error(
+                "unexpected error", metadata: ["request.id": "\(trace.requestID)", "error.type": "\(type(of: error))"])
+            trace.problemCode = Problem.internalError.code
+            response = .problem(.internalError)
         }
+        response.headers[.xRequestID] = trace.requestID
+        let duration = ContinuousClock.now - started
+        LedgerMetrics.request(
+            route: trace.route, method: request.method.rawValue, status: response.status.code, duration: duration)
+        var metadata: Logger.Metadata = [
+            "request.id": "\(trace.requestID)", "http.method": "\(request.method.rawValue)",
+            "http.route": "\(trace.route)", "http.status": "\(response.status.code)",
+            "http.duration_ms": "\(Double(duration.components.attoseconds / 1_000_000_000_000) / 1_000 + Double(duration.components.seconds) * 1_000)",
+        ]
+        if let client = trace.client { metadata["client.id"] = "\(client)" }
+        if let outcome = trace.idempotencyOutcome { metadata["idempotency.outcome"] = "\(outcome)" }
+        if let code = trace.problemCode { metadata["problem.code"] = "\(code)" }
+        logger.info("request", metadata: metadata)
+        return response
     }
 
-    private func handle(_ request: Request) async throws -> Response {
+    private func handle(_ request: Request, trace: RequestTrace) async throws -> Response {
         let path = request.uri.path
+        let route = Route.match(path)
+        trace.route = route?.label ?? "unmatched"
         let isAPI = path == "/v1" || path.hasPrefix("/v1/")
         var client = ""
         if isAPI {
@@ -88,17 +135,22 @@ public struct LedgerAPI: HTTPResponder {
                 throw Problem.unauthorized("The bearer token is not known.")
             }
             client = known
+            trace.client = known
         }
         let body = try await collectBody(request)
-        guard let route = Route.match(path) else { throw Problem.notFound() }
+        guard let route else { throw Problem.notFound() }
         guard route.methods.contains(request.method) else {
             throw Problem.methodNotAllowed(allow: route.methods.map(\.rawValue))
         }
         switch route {
         case .health:
             return try await health()
+        case .metrics:
+            return metrics()
+        case .openAPI:
+            return try openAPI()
         case .post(let kind):
-            return try await post(kind: kind, client: client, request: request, body: body)
+            return try await post(kind: kind, client: client, request: request, body: body, trace: trace)
         case .account(let rawID):
             let id = try accountID(fromPathSegment: rawID)
             if request.method == .put {
@@ -140,20 +192,47 @@ public struct LedgerAPI: HTTPResponder {
         return .json(status: 200, body: "{\"status\":\"ok\"}")
     }
 
-    private func post(kind: TransferRequest.Kind, client: String, request: Request, body: [UInt8]) async throws
-        -> Response
-    {
+    /// Prometheus text exposition. Pool gauges are sampled now, at scrape time.
+    private func metrics() -> Response {
+        LedgerMetrics.pool(store.pool.stats)
+        let text = metricsRegistry?.emitToBuffer() ?? []
+        var headers: HTTPFields = [:]
+        headers[.contentType] = "text/plain; version=0.0.4; charset=utf-8"
+        return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: text)))
+    }
+
+    /// The OpenAPI 3.1 description of this API.
+    private func openAPI() throws -> Response {
+        guard let document = OpenAPIDocument.yaml else { throw Problem.notFound() }
+        var headers: HTTPFields = [:]
+        headers[.contentType] = "application/yaml"
+        return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(string: document)))
+    }
+
+    private func post(
+        kind: TransferRequest.Kind, client: String, request: Request, body: [UInt8], trace: RequestTrace
+    ) async throws -> Response {
         let key = try IdempotencyKey.parse(headerValues: request.headers[values: .idempotencyKey]).get()
         try checkContentType(request)
         let transfer = try TransferRequest.decode(kind: kind, body: body).get()
-        switch try await store.post(client: client, key: key, request: transfer) {
-        case .executed(let status, let json):
-            return .json(status: status, body: json, headers: [.idempotentReplayed: "false"])
-        case .replayed(let status, let json):
-            return .json(status: status, body: json, headers: [.idempotentReplayed: "true"])
+        let outcome = try await store.post(client: client, key: key, request: transfer)
+        switch outcome {
+        case .executed(let status, let json), .replayed(let status, let json):
+            let replayed = outcome == .replayed(status: status, body: json)
+            trace.idempotencyOutcome = replayed ? "replayed" : "executed"
+            LedgerMetrics.idempotency(outcome: replayed ? "replayed" : "executed")
+            if status != 201, let code = Problem.code(ofJSON: json) {
+                trace.problemCode = code
+                if !replayed { LedgerMetrics.businessProblem(code: code) }
+            }
+            return .json(status: status, body: json, headers: [.idempotentReplayed: replayed ? "true" : "false"])
         case .reused:
+            trace.idempotencyOutcome = "reused"
+            LedgerMetrics.idempotency(outcome: "reused")
             throw Problem.idempotencyKeyReused
         case .inProgress:
+            trace.idempotencyOutcome = "in_progress"
+            LedgerMetrics.idempotency(outcome: "in_progress")
             throw Problem.idempotencyKeyInProgress(retryAfterSeconds: options.retryAfterSeconds)
         }
     }
@@ -207,16 +286,20 @@ public struct LedgerAPI: HTTPResponder {
 
     /// Database failures: unreachable, timed out or overloaded is 503 with Retry-After; anything else is 500.
     /// Nothing was committed in either case (a lost COMMIT is answered 503 too: the retry replays or executes).
-    private func problemFor(_ error: PostgresError) -> Problem {
+    private func problemFor(_ error: PostgresError, trace: RequestTrace) -> Problem {
+        LedgerMetrics.databaseError(error)
         let unavailable =
             error.isConnectionError || error.isQueryCanceled || error.isLockTimeout || error.isTransientConflict
             || (error.sqlState?.hasPrefix("53") ?? false)
         if unavailable {
             logger.warning(
-                "database unavailable", metadata: ["db.sqlstate": "\(error.sqlState ?? "")", "error": "\(error)"])
+                "database unavailable",
+                metadata: ["request.id": "\(trace.requestID)", "db.sqlstate": "\(error.sqlState ?? "")", "error": "\(error)"])
             return .databaseUnavailable(retryAfterSeconds: options.retryAfterSeconds)
         }
-        logger.error("database error", metadata: ["db.sqlstate": "\(error.sqlState ?? "")", "error": "\(error)"])
+        logger.error(
+            "database error",
+            metadata: ["request.id": "\(trace.requestID)", "db.sqlstate": "\(error.sqlState ?? "")", "error": "\(error)"])
         return .internalError
     }
 }

@@ -33,20 +33,28 @@ struct PurgeService: Service {
     let logger: Logger
 
     func run() async throws {
-        try await cancelWhenGracefulShutdown {
-            while !Task.isCancelled {
-                do {
-                    let deleted = try await store.purgeStoredResponses(
-                        retention: options.retention, batchSize: options.purgeBatchSize,
-                        batchesMax: options.purgeBatchesMax)
-                    if deleted > 0 {
-                        logger.info("purged stored responses", metadata: ["purge.deleted": "\(deleted)"])
-                    }
-                } catch {
-                    logger.warning("purge failed; retrying at the next interval", metadata: ["error": "\(error)"])
+        // The first run waits one interval: at start, migrations may still be running.
+        do {
+            try await cancelWhenGracefulShutdown {
+                while !Task.isCancelled {
+                    try await Task.sleep(for: options.purgeInterval)
+                    await purgeOnce()
                 }
-                try await Task.sleep(for: options.purgeInterval)
             }
+        } catch is CancellationError {
+            // Graceful shutdown: nothing to finish, the next run of any replica picks up where this one stopped.
+        }
+    }
+
+    private func purgeOnce() async {
+        do {
+            let deleted = try await store.purgeStoredResponses(
+                retention: options.retention, batchSize: options.purgeBatchSize, batchesMax: options.purgeBatchesMax)
+            if deleted > 0 {
+                logger.info("purged stored responses", metadata: ["purge.deleted": "\(deleted)"])
+            }
+        } catch {
+            logger.warning("purge failed; retrying at the next interval", metadata: ["error": "\(error)"])
         }
     }
 }

@@ -6,6 +6,7 @@ import LedgerCore
 extension HTTPField.Name {
     static let idempotencyKey = HTTPField.Name("Idempotency-Key")!
     static let idempotentReplayed = HTTPField.Name("Idempotent-Replayed")!
+    static let xRequestID = HTTPField.Name("X-Request-Id")!
 }
 
 extension Response {

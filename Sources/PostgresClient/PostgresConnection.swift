@@ -147,6 +147,9 @@ extension PostgresConnection {
             PQfinish(handle)
             throw PostgresError(code: .connectionFailed, message: message)
         }
+        // Server notices (`NOTICE: relation already exists, skipping`) are not errors; libpq would print them on
+        // standard error, outside our logging. Drop them.
+        PQsetNoticeProcessor(handle, { _, _ in }, nil)
         // Session settings: every statement is bounded in time, and timestamps are read in UTC.
         let setup =
             "SET statement_timeout = \(configuration.statementTimeoutMilliseconds); "

@@ -26,6 +26,9 @@ struct DatabaseOptions: ParsableArguments {
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error, critical (env: LOG_LEVEL; default: info).")
     var logLevel: String?
 
+    @Option(name: .customLong("log-format"), help: "text or json, one line per event on standard error (env: LOG_FORMAT; default: text).")
+    var logFormat: String?
+
     var conninfo: String { databaseURL ?? Environment.string("DATABASE_URL") ?? "" }
 
     func makeLogger(label: String) throws -> Logger {
@@ -33,10 +36,18 @@ struct DatabaseOptions: ParsableArguments {
         guard let level = Logger.Level(rawValue: levelName.lowercased()) else {
             throw ValidationError("log level \(levelName) is not one of trace, debug, info, notice, warning, error, critical")
         }
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
+        let format = (logFormat ?? Environment.string("LOG_FORMAT") ?? "text").lowercased()
+        switch format {
+        case "text":
+            LoggingSystem.bootstrap { label in
+                var handler = StreamLogHandler.standardError(label: label)
+                handler.logLevel = level
+                return handler
+            }
+        case "json":
+            LoggingSystem.bootstrap { label in JSONLogHandler(label: label, level: level) }
+        default:
+            throw ValidationError("log format \(format) is not text or json")
         }
         return Logger(label: label)
     }

@@ -3,7 +3,9 @@ import Foundation
 import Hummingbird
 import LedgerHTTP
 import LedgerStore
+import Metrics
 import PostgresClient
+import Prometheus
 
 extension LedgerCommand {
     struct Serve: AsyncParsableCommand {
@@ -102,8 +104,10 @@ extension LedgerCommand {
                 migrateAtStart: !(noMigrate || Environment.bool("LEDGER_NO_MIGRATE")),
                 migrationsDirectory: sqlDirectory ?? Environment.string("LEDGER_SQL_DIR")
             )
-            let app = try buildApplication(configuration: configuration, logger: logger)
-            try await app.runService()
+            let registry = PrometheusCollectorRegistry()
+            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+            let app = try buildApplication(configuration: configuration, metricsRegistry: registry, logger: logger)
+            try await withDatabaseErrors { try await app.runService() }
         }
     }
 }

@@ -1,0 +1,69 @@
+import Foundation
+import Logging
+import Metrics
+import PostgresClient
+
+/// What one request did, gathered while it runs, for its log line and its metrics.
+final class RequestTrace {
+    let requestID: String
+    var route = "unmatched"
+    var client: String?
+    var idempotencyOutcome: String?
+    var problemCode: String?
+
+    init(requestID: String) {
+        self.requestID = requestID
+    }
+
+    /// The client's `X-Request-Id` when it is a sane token (1-128 visible ASCII characters), else a new one.
+    static func requestID(from header: String?) -> String {
+        if let header, (1...128).contains(header.utf8.count), header.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) {
+            return header
+        }
+        return UUID().uuidString.lowercased()
+    }
+}
+
+/// The service's metrics, through swift-metrics (exported by swift-prometheus at GET /metrics). Labels are route
+/// templates, status codes, outcomes and SQLSTATE classes only: never an id, a key or a token.
+enum LedgerMetrics {
+    static func request(route: String, method: String, status: Int, duration: Duration) {
+        Counter(
+            label: "ledger_http_requests_total",
+            dimensions: [("route", route), ("method", method), ("status", String(status))]
+        ).increment()
+        Timer(label: "ledger_http_request_duration_seconds", dimensions: [("route", route)])
+            .recordNanoseconds(duration.components.seconds * 1_000_000_000 + duration.components.attoseconds / 1_000_000_000)
+    }
+
+    /// The idempotency outcome of a POST: executed, replayed, reused (422), in_progress (409). A high replay rate
+    /// means clients retry a lot: a sign of client timeouts set too short, or of a retry bug.
+    static func idempotency(outcome: String) {
+        Counter(label: "ledger_idempotency_outcomes_total", dimensions: [("outcome", outcome)]).increment()
+        switch outcome {
+        case "replayed": Counter(label: "ledger_idempotent_replays_total").increment()
+        case "reused": Counter(label: "ledger_idempotency_key_reused_total").increment()
+        case "in_progress": Counter(label: "ledger_idempotency_key_in_progress_total").increment()
+        default: break
+        }
+    }
+
+    /// A business outcome stored for replay: insufficient-funds, currency-mismatch, account-not-found, ...
+    static func businessProblem(code: String) {
+        Counter(label: "ledger_transfer_problems_total", dimensions: [("code", code)]).increment()
+        if code == "insufficient-funds" { Counter(label: "ledger_insufficient_funds_total").increment() }
+    }
+
+    static func databaseError(_ error: PostgresError) {
+        let sqlClass = error.sqlState.map { String($0.prefix(2)) } ?? "none"
+        Counter(
+            label: "ledger_db_errors_total", dimensions: [("sqlstate_class", sqlClass), ("kind", "\(error.code)")]
+        ).increment()
+    }
+
+    static func pool(_ stats: PostgresPool.Stats) {
+        Gauge(label: "ledger_db_pool_connections", dimensions: [("state", "in_use")]).record(stats.inUse)
+        Gauge(label: "ledger_db_pool_connections", dimensions: [("state", "idle")]).record(stats.idle)
+        Gauge(label: "ledger_db_pool_waiting").record(stats.waiting)
+    }
+}
