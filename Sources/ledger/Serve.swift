@@ -6,6 +6,8 @@ import LedgerStore
 import Metrics
 import PostgresClient
 import Prometheus
+import ServiceLifecycle
+import UnixSignals
 
 extension LedgerCommand {
     struct Serve: AsyncParsableCommand {
@@ -62,6 +64,9 @@ extension LedgerCommand {
         @Option(name: .customLong("purge-batch-size"), help: "Stored responses deleted per statement by the purge (env: LEDGER_PURGE_BATCH_SIZE; default: 1000).")
         var purgeBatchSize: Int?
 
+        @Option(name: .customLong("shutdown-grace-s"), help: "On SIGTERM/SIGINT, seconds in-flight requests get to finish before they are cancelled (env: LEDGER_SHUTDOWN_GRACE_S; default: 25).")
+        var shutdownGraceSeconds: Int?
+
         func run() async throws {
             let logger = try database.makeLogger(label: "ledger")
             let postgres = PostgresConfiguration(
@@ -107,7 +112,13 @@ extension LedgerCommand {
             let registry = PrometheusCollectorRegistry()
             MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
             let app = try buildApplication(configuration: configuration, metricsRegistry: registry, logger: logger)
-            try await withDatabaseErrors { try await app.runService() }
+            // SIGTERM/SIGINT: stop accepting, let in-flight requests finish (bounded), then close the pool.
+            var group = ServiceGroupConfiguration(
+                services: [app], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+            group.maximumGracefulShutdownDuration = .seconds(
+                try Environment.int("LEDGER_SHUTDOWN_GRACE_S", flag: shutdownGraceSeconds, default: 25, range: 1...3_600))
+            group.maximumCancellationDuration = .seconds(5)
+            try await withDatabaseErrors { try await ServiceGroup(configuration: group).run() }
         }
     }
 }
