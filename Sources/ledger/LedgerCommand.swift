@@ -12,7 +12,7 @@ struct LedgerCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ledger",
         abstract: "An idempotent, double-entry wallet service on PostgreSQL.",
-        subcommands: [Serve.self, Migrate.self, Token.self, Verify.self, Purge.self]
+        subcommands: [Serve.self, Migrate.self, Token.self, Verify.self, Purge.self, Bench.self]
     )
 }
 

@@ -1,0 +1,263 @@
+import Foundation
+import Histogram
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// Drives a running Ledger service with N connections for T seconds and reports throughput and latency.
+///
+/// Workloads:
+/// - `transfers`: unique keys, random pairs out of `accounts` funded accounts;
+/// - `hot`: every transfer moves money between the same 2 accounts, either way;
+/// - `replays`: the keys of transfers made beforehand, sent again with the same bodies (each answer must be a replay);
+/// - `mixed`: `transfers` with 10 % of requests replaying a key the same connection used before.
+public struct LoadGenerator: Sendable {
+    public enum Workload: String, Sendable, CaseIterable {
+        case transfers, hot, replays, mixed
+    }
+
+    public struct Options: Sendable {
+        public var host: String
+        public var port: Int
+        public var token: String
+        public var workload: Workload
+        /// Concurrent connections, each with one request in flight. Default 16.
+        public var connections: Int
+        /// Length of the measured run. Default 10 s.
+        public var duration: Duration
+        /// Accounts `bench-0` ... for `transfers` and `mixed`. Default 10,000.
+        public var accounts: Int
+        /// A prefix for keys, unique per run so that runs never replay each other.
+        public var runID: String
+
+        public init(
+            host: String, port: Int, token: String, workload: Workload, connections: Int = 16,
+            duration: Duration = .seconds(10), accounts: Int = 10_000, runID: String = UUID().uuidString
+        ) {
+            precondition(connections >= 1 && accounts >= 2, "need a connection and two accounts")
+            self.host = host
+            self.port = port
+            self.token = token
+            self.workload = workload
+            self.connections = connections
+            self.duration = duration
+            self.accounts = accounts
+            self.runID = runID
+        }
+    }
+
+    public struct Report: Sendable {
+        public var workload: Workload
+        public var connections: Int
+        public var seconds: Double
+        public var requests: Int
+        public var errors: [Int: Int]
+        public var replays: Int
+        public var p50Milliseconds: Double
+        public var p99Milliseconds: Double
+        public var p999Milliseconds: Double
+        public var maxMilliseconds: Double
+
+        public var perSecond: Double { Double(requests) / seconds }
+        public var errorCount: Int { errors.values.reduce(0, +) }
+
+        public var line: String {
+            let errorText = errors.isEmpty ? "0" : errors.sorted { $0.key < $1.key }.map { "\($0.value)x\($0.key)" }.joined(separator: ",")
+            return "workload=\(workload.rawValue) connections=\(connections) seconds=\(fmt(seconds)) requests=\(requests) "
+                + "rate=\(fmt(perSecond))/s p50=\(fmt(p50Milliseconds))ms p99=\(fmt(p99Milliseconds))ms "
+                + "p99.9=\(fmt(p999Milliseconds))ms max=\(fmt(maxMilliseconds))ms replays=\(replays) errors=\(errorText)"
+        }
+    }
+
+    public let options: Options
+
+    public init(options: Options) {
+        self.options = options
+    }
+
+    static let hotAccounts = ["bench-hot-a", "bench-hot-b"]
+    static let fundingAmount = 1_000_000_000_000
+
+    /// Creates the workload's accounts (idempotent: PUT and keyed credits), funded so that no transfer of the run
+    /// can fail for lack of money.
+    public func prepare(group: any EventLoopGroup) async throws {
+        let names = options.workload == .hot ? Self.hotAccounts : (0..<options.accounts).map { "bench-\($0)" }
+        let host = "\(options.host):\(options.port)"
+        let lanes = max(1, min(options.connections, 32))
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            for lane in 0..<lanes {
+                tasks.addTask {
+                    let connection = try await BenchConnection.connect(host: options.host, port: options.port, group: group)
+                    defer { Task { await connection.close() } }
+                    for index in stride(from: lane, to: names.count, by: lanes) {
+                        let name = names[index]
+                        let put = try await connection.send(
+                            BenchConnection.request(
+                                method: .PUT, path: "/v1/accounts/\(name)", host: host, headers: self.headers(key: nil),
+                                body: #"{"currency":"USD"}"#))
+                        guard put.status == 200 || put.status == 201 else {
+                            throw BenchConnection.Failure(description: "PUT /v1/accounts/\(name) answered \(put.status)")
+                        }
+                        let credit = try await connection.send(
+                            BenchConnection.request(
+                                method: .POST, path: "/v1/credits", host: host,
+                                headers: self.headers(key: "bench-fund-\(name)"),
+                                body: #"{"account":"\#(name)","amount":\#(Self.fundingAmount),"currency":"USD"}"#))
+                        guard credit.status == 201 else {
+                            throw BenchConnection.Failure(description: "funding \(name) answered \(credit.status)")
+                        }
+                    }
+                }
+            }
+            try await tryAll(tasks)
+        }
+    }
+
+    /// Runs the measured phase and reports.
+    public func run(group: any EventLoopGroup) async throws -> Report {
+        let host = "\(options.host):\(options.port)"
+        // For `replays`: the keys to replay are made first, outside the measured time.
+        var replayPool: [[BenchConnection.Request]] = Array(repeating: [], count: options.connections)
+        if options.workload == .replays {
+            replayPool = try await makeReplayPool(group: group, host: host)
+        }
+        let deadline = ContinuousClock.now + options.duration
+        let started = ContinuousClock.now
+        let lanes = try await withThrowingTaskGroup(of: Lane.self) { tasks in
+            for lane in 0..<options.connections {
+                let pool = replayPool[lane]
+                tasks.addTask {
+                    try await self.lane(lane, host: host, replayPool: pool, until: deadline, group: group)
+                }
+            }
+            var all: [Lane] = []
+            for try await lane in tasks { all.append(lane) }
+            return all
+        }
+        let elapsed = ContinuousClock.now - started
+        var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
+        var errors: [Int: Int] = [:]
+        var requests = 0
+        var replays = 0
+        for lane in lanes {
+            histogram.add(lane.histogram)
+            requests += lane.requests
+            replays += lane.replays
+            errors.merge(lane.errors, uniquingKeysWith: +)
+        }
+        func ms(_ microseconds: UInt64) -> Double { Double(microseconds) / 1_000 }
+        return Report(
+            workload: options.workload, connections: options.connections,
+            seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18,
+            requests: requests, errors: errors, replays: replays,
+            p50Milliseconds: ms(histogram.valueAtPercentile(50)), p99Milliseconds: ms(histogram.valueAtPercentile(99)),
+            p999Milliseconds: ms(histogram.valueAtPercentile(99.9)), maxMilliseconds: ms(histogram.max))
+    }
+
+    struct Lane: Sendable {
+        var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: .three)
+        var requests = 0
+        var replays = 0
+        var errors: [Int: Int] = [:]
+    }
+
+    private func lane(
+        _ index: Int, host: String, replayPool: [BenchConnection.Request], until deadline: ContinuousClock.Instant,
+        group: any EventLoopGroup
+    ) async throws -> Lane {
+        let connection = try await BenchConnection.connect(host: options.host, port: options.port, group: group)
+        defer { Task { await connection.close() } }
+        var generator = SystemRandomNumberGenerator()
+        var lane = Lane()
+        var sent: [BenchConnection.Request] = []
+        var sequence = 0
+        while ContinuousClock.now < deadline {
+            let request: BenchConnection.Request
+            let expectReplay: Bool
+            switch options.workload {
+            case .replays:
+                request = replayPool[sequence % replayPool.count]
+                expectReplay = true
+            case .mixed where !sent.isEmpty && Int.random(in: 0..<10, using: &generator) == 0:
+                request = sent[Int.random(in: 0..<sent.count, using: &generator)]
+                expectReplay = true
+            default:
+                request = newTransfer(lane: index, sequence: sequence, host: host, using: &generator)
+                expectReplay = false
+                if options.workload == .mixed && sent.count < 10_000 { sent.append(request) }
+            }
+            sequence += 1
+            let started = ContinuousClock.now
+            let response = try await connection.send(request)
+            let latency = ContinuousClock.now - started
+            _ = lane.histogram.record(UInt64(latency.components.attoseconds / 1_000_000_000_000) + UInt64(latency.components.seconds) * 1_000_000)
+            lane.requests += 1
+            if response.replayed { lane.replays += 1 }
+            if response.status != 201 || response.replayed != expectReplay {
+                lane.errors[response.status == 201 ? 0 : response.status, default: 0] += 1
+            }
+        }
+        return lane
+    }
+
+    private func newTransfer(
+        lane: Int, sequence: Int, host: String, using generator: inout SystemRandomNumberGenerator
+    ) -> BenchConnection.Request {
+        let from: String
+        let to: String
+        if options.workload == .hot {
+            let flip = Bool.random(using: &generator)
+            (from, to) = flip ? (Self.hotAccounts[0], Self.hotAccounts[1]) : (Self.hotAccounts[1], Self.hotAccounts[0])
+        } else {
+            let a = Int.random(in: 0..<options.accounts, using: &generator)
+            var b = Int.random(in: 0..<(options.accounts - 1), using: &generator)
+            if b >= a { b += 1 }
+            (from, to) = ("bench-\(a)", "bench-\(b)")
+        }
+        return BenchConnection.request(
+            method: .POST, path: "/v1/transfers", host: host,
+            headers: headers(key: "bench-\(options.runID)-\(lane)-\(sequence)"),
+            body: #"{"from":"\#(from)","to":"\#(to)","amount":1,"currency":"USD"}"#)
+    }
+
+    /// Makes 500 transfers per connection (unmeasured) and returns their requests, to be sent again.
+    private func makeReplayPool(group: any EventLoopGroup, host: String) async throws -> [[BenchConnection.Request]] {
+        try await withThrowingTaskGroup(of: (Int, [BenchConnection.Request]).self) { tasks in
+            for lane in 0..<options.connections {
+                tasks.addTask {
+                    let connection = try await BenchConnection.connect(host: options.host, port: options.port, group: group)
+                    defer { Task { await connection.close() } }
+                    var generator = SystemRandomNumberGenerator()
+                    var made: [BenchConnection.Request] = []
+                    for sequence in 0..<500 {
+                        let request = self.newTransfer(lane: lane, sequence: sequence, host: host, using: &generator)
+                        let response = try await connection.send(request)
+                        guard response.status == 201 else {
+                            throw BenchConnection.Failure(description: "making replay keys: answered \(response.status)")
+                        }
+                        made.append(request)
+                    }
+                    return (lane, made)
+                }
+            }
+            var pool = Array(repeating: [BenchConnection.Request](), count: options.connections)
+            for try await (lane, made) in tasks { pool[lane] = made }
+            return pool
+        }
+    }
+
+    private func headers(key: String?) -> [(String, String)] {
+        var headers = [("Authorization", "Bearer \(options.token)"), ("Content-Type", "application/json")]
+        if let key { headers.append(("Idempotency-Key", key)) }
+        return headers
+    }
+}
+
+private func tryAll(_ tasks: ThrowingTaskGroup<Void, any Error>) async throws {
+    var tasks = tasks
+    try await tasks.waitForAll()
+}
+
+private func fmt(_ value: Double) -> String {
+    String(format: "%.2f", value)
+}

@@ -1,0 +1,63 @@
+import ArgumentParser
+import Foundation
+import LedgerBench
+import NIOCore
+import NIOPosix
+
+extension LedgerCommand {
+    struct Bench: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Drive a running service with N connections for T seconds; print transfers/s, p50/p99/p99.9 latency and errors. scripts/bench runs every workload beside the pgbench ceiling.")
+
+        @Option(name: .customLong("url"), help: "Base URL of the service (env: LEDGER_URL; default: http://127.0.0.1:8080).")
+        var url: String?
+
+        @Option(name: .customLong("token"), help: "Bearer token (env: LEDGER_TOKEN).")
+        var token: String?
+
+        @Option(name: .customLong("workload"), help: "transfers, hot, replays or mixed (default: transfers).")
+        var workload: String = "transfers"
+
+        @Option(name: .customLong("connections"), help: "Concurrent connections, one request in flight each (default: 16).")
+        var connections: Int = 16
+
+        @Option(name: .customLong("duration-s"), help: "Seconds of measured load (default: 10).")
+        var durationSeconds: Int = 10
+
+        @Option(name: .customLong("accounts"), help: "Funded accounts for transfers and mixed (default: 10000).")
+        var accounts: Int = 10_000
+
+        @Flag(name: .customLong("no-prepare"), help: "Do not create and fund the accounts first (they exist from an earlier run).")
+        var noPrepare = false
+
+        func validate() throws {
+            guard LoadGenerator.Workload(rawValue: workload) != nil else {
+                throw ValidationError("workload must be one of transfers, hot, replays, mixed")
+            }
+            guard (1...4_096).contains(connections), (1...3_600).contains(durationSeconds), (2...1_000_000).contains(accounts) else {
+                throw ValidationError("connections 1...4096, duration-s 1...3600, accounts 2...1000000")
+            }
+        }
+
+        func run() async throws {
+            let base = URL(string: url ?? Environment.string("LEDGER_URL") ?? "http://127.0.0.1:8080")
+            guard let base, let host = base.host, base.scheme == "http" else {
+                throw ValidationError("--url must be http://host:port")
+            }
+            guard let token = token ?? Environment.string("LEDGER_TOKEN") else {
+                throw ValidationError("a bearer token is needed: --token or LEDGER_TOKEN")
+            }
+            let generator = LoadGenerator(
+                options: .init(
+                    host: host, port: base.port ?? 80, token: token, workload: LoadGenerator.Workload(rawValue: workload)!,
+                    connections: connections, duration: .seconds(durationSeconds), accounts: accounts))
+            // One event loop: the generator must take as little CPU from the service and PostgreSQL as it can.
+            let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+            if !noPrepare { try await generator.prepare(group: group) }
+            let report = try await generator.run(group: group)
+            try await group.shutdownGracefully()
+            print(report.line)
+            if report.errorCount > 0 { throw ExitCode(1) }
+        }
+    }
+}
