@@ -30,6 +30,22 @@ def own_db():
     lt.drop_database(name)
 
 
+@pytest.fixture
+def serve(own_db, log_dir):
+    """Starts `ledger serve` processes on the test's own database; every one is stopped after the test."""
+    started = []
+
+    def start(extra_args=(), **kwargs):
+        server = lt.LedgerServer(own_db, list(extra_args), log_dir=log_dir, **kwargs)
+        started.append(server)
+        server.wait_healthy()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
 def client_api(dbname: str, server: lt.LedgerServer, client: str = "rel") -> lt.Api:
     return lt.Api(server.base, lt.create_token(dbname, client), client)
 
@@ -38,9 +54,8 @@ def client_api(dbname: str, server: lt.LedgerServer, client: str = "rel") -> lt.
 # Graceful shutdown
 
 
-def test_sigterm_lets_an_in_flight_request_finish_then_exits_cleanly(own_db, log_dir):
-    server = lt.LedgerServer(own_db, ["--key-wait-ms", "15000"], log_dir=log_dir)
-    server.wait_healthy()
+def test_sigterm_lets_an_in_flight_request_finish_then_exits_cleanly(own_db, serve):
+    server = serve(["--key-wait-ms", "15000"])
     api = client_api(own_db, server)
     account = api.funded_account(1000)
     key = lt.uid("k-")
@@ -68,9 +83,8 @@ def test_sigterm_lets_an_in_flight_request_finish_then_exits_cleanly(own_db, log
     assert lt.psql(own_db, f"SELECT balance FROM ledger.accounts WHERE id = {lt.sql_literal(account)}") == "900"
 
 
-def test_in_flight_requests_are_cut_after_the_shutdown_grace(own_db, log_dir):
-    server = lt.LedgerServer(own_db, ["--key-wait-ms", "30000", "--shutdown-grace-s", "1"], log_dir=log_dir)
-    server.wait_healthy()
+def test_in_flight_requests_are_cut_after_the_shutdown_grace(own_db, serve):
+    server = serve(["--key-wait-ms", "30000", "--shutdown-grace-s", "1"])
     api = client_api(own_db, server)
     account = api.funded_account(1000)
     key = lt.uid("k-")
@@ -109,9 +123,8 @@ def pg_control(action: str) -> None:
 
 
 @pytest.mark.skipif(not PGDATA, reason="needs a private PostgreSQL (LEDGER_TEST_PGDATA) to stop and start")
-def test_database_outage_fails_fast_with_503_and_recovers_without_restart(own_db, log_dir):
-    server = lt.LedgerServer(own_db, ["--connect-timeout-s", "2", "--pool-acquire-wait-ms", "2000"], log_dir=log_dir)
-    server.wait_healthy()
+def test_database_outage_fails_fast_with_503_and_recovers_without_restart(own_db, serve):
+    server = serve(["--connect-timeout-s", "2", "--pool-acquire-wait-ms", "2000"])
     api = client_api(own_db, server)
     account = api.funded_account(1000)
     key = lt.uid("k-")
@@ -207,19 +220,17 @@ class CuttingProxy:
 
 
 @pytest.mark.parametrize("cut, replayed", [("reply", True), ("request", False)])
-def test_connection_lost_around_commit_answers_503_and_the_retry_executes_exactly_once(own_db, log_dir, cut, replayed):
+def test_connection_lost_around_commit_answers_503_and_the_retry_executes_exactly_once(own_db, serve, cut, replayed):
     parts = dict(p.split("=", 1) for p in lt.PG_ADMIN.split())
     proxy = CuttingProxy(int(parts["port"]))
     url = f"host=127.0.0.1 port={proxy.port} user={parts.get('user', 'postgres')} dbname={own_db}"
     # One connection, so the armed cut hits the statement of the request below and nothing else.
     port = lt.free_port()
-    server = lt.LedgerServer(
-        own_db,
+    server = serve(
         ["--hostname", "127.0.0.1", "--port", str(port), "--database-url", url, "--pool-size", "1",
          "--purge-interval-s", "3600"],
-        log_dir=log_dir, use_flags=False, port=port)
+        use_flags=False, port=port)
     try:
-        server.wait_healthy()
         api = client_api(own_db, server)
         account = api.funded_account(1000)   # also warms the token cache: the next statement is the transfer's
         key = lt.uid("k-")
@@ -239,5 +250,4 @@ def test_connection_lost_around_commit_answers_503_and_the_retry_executes_exactl
         lt.assert_replay_of(again, third)
         assert lt.verify(own_db).returncode == 0
     finally:
-        server.stop()
         proxy.close()
