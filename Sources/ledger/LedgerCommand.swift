@@ -31,6 +31,22 @@ struct DatabaseOptions: ParsableArguments {
 
     var conninfo: String { databaseURL ?? Environment.string("DATABASE_URL") ?? "" }
 
+    /// Runs a short command's work on a one-connection store, closes it, and turns database failures into a
+    /// one-line message and exit code 2. `statement_timeout` is off: these commands may scan the whole ledger.
+    func withStore<T: Sendable>(logger: Logger, _ body: (LedgerStore) async throws -> T) async throws -> T {
+        let pool = PostgresPool(
+            configuration: PostgresConfiguration(conninfo: conninfo, statementTimeoutMilliseconds: 0, poolSizeMax: 1),
+            logger: logger)
+        do {
+            let value = try await withDatabaseErrors { try await body(LedgerStore(pool: pool, logger: logger)) }
+            await pool.close()
+            return value
+        } catch {
+            await pool.close()
+            throw error
+        }
+    }
+
     func makeLogger(label: String) throws -> Logger {
         let levelName = logLevel ?? Environment.string("LOG_LEVEL") ?? "info"
         guard let level = Logger.Level(rawValue: levelName.lowercased()) else {
@@ -96,10 +112,7 @@ extension LedgerCommand {
             let logger = try database.makeLogger(label: "ledger.migrate")
             let directory = try sqlDirectory.map { URL(fileURLWithPath: $0) } ?? Migrator.locateDirectory()
             let migrator = try Migrator.load(directory: directory, logger: logger)
-            let pool = PostgresPool(configuration: PostgresConfiguration(conninfo: database.conninfo, poolSizeMax: 1), logger: logger)
-            defer { Task { await pool.close() } }
-            let applied = try await withDatabaseErrors { try await migrator.migrate(pool: pool) }
-            await pool.close()
+            let applied = try await database.withStore(logger: logger) { try await migrator.migrate(pool: $0.pool) }
             print(applied.isEmpty ? "ledger migrate: up to date" : "ledger migrate: applied \(applied.joined(separator: ", "))")
         }
     }
@@ -125,10 +138,7 @@ extension LedgerCommand {
 
             func run() async throws {
                 let logger = try database.makeLogger(label: "ledger.token")
-                let pool = PostgresPool(configuration: PostgresConfiguration(conninfo: database.conninfo, poolSizeMax: 1), logger: logger)
-                let store = LedgerStore(pool: pool, logger: logger)
-                let token = try await withDatabaseErrors { try await store.createToken(client: client) }
-                await pool.close()
+                let token = try await database.withStore(logger: logger) { try await $0.createToken(client: client) }
                 FileHandle.standardError.write(Data("created a token for client \(client); it is shown once:\n".utf8))
                 print(token)
             }
@@ -143,17 +153,7 @@ extension LedgerCommand {
 
         func run() async throws {
             let logger = try database.makeLogger(label: "ledger.verify")
-            let pool = PostgresPool(configuration: PostgresConfiguration(conninfo: database.conninfo, statementTimeoutMilliseconds: 0, poolSizeMax: 1), logger: logger)
-            let store = LedgerStore(pool: pool, logger: logger)
-            let breaches: [LedgerStore.Breach]
-            do {
-                breaches = try await store.verify()
-            } catch let error as PostgresError {
-                await pool.close()
-                FileHandle.standardError.write(Data("ledger verify: could not check: \(error.debugDescription)\n".utf8))
-                throw ExitCode(2)
-            }
-            await pool.close()
+            let breaches = try await database.withStore(logger: logger) { try await $0.verify() }
             guard breaches.isEmpty else {
                 for breach in breaches { print(breach) }
                 throw ExitCode(1)
@@ -180,12 +180,9 @@ extension LedgerCommand {
             let logger = try database.makeLogger(label: "ledger.purge")
             let retention = try Environment.int("LEDGER_RETENTION_S", flag: retentionSeconds, default: 86_400, range: 0...(3_650 * 86_400))
             let batch = try Environment.int("LEDGER_PURGE_BATCH_SIZE", flag: batchSize, default: 1_000, range: 1...100_000)
-            let pool = PostgresPool(configuration: PostgresConfiguration(conninfo: database.conninfo, poolSizeMax: 1), logger: logger)
-            let store = LedgerStore(pool: pool, logger: logger)
-            let deleted = try await withDatabaseErrors {
-                try await store.purgeStoredResponses(retention: .seconds(retention), batchSize: batch, batchesMax: Int.max)
+            let deleted = try await database.withStore(logger: logger) {
+                try await $0.purgeStoredResponses(retention: .seconds(retention), batchSize: batch, batchesMax: Int.max)
             }
-            await pool.close()
             print("ledger purge: deleted \(deleted) stored responses older than \(retention) s")
         }
     }
