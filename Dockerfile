@@ -22,8 +22,10 @@ RUN swift build -c release --product ledger --static-swift-stdlib \
 
 FROM build AS test
 RUN apt-get update \
- && apt-get install -y --no-install-recommends postgresql-client python3 python3-pytest python3-requests \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get install -y --no-install-recommends postgresql-client python3 python3-pip \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m pip install --no-cache-dir --break-system-packages \
+      pytest requests pyyaml openapi-spec-validator schemathesis
 COPY . /src
 CMD ["scripts/test"]
 

@@ -120,6 +120,14 @@ let package = Package(
             name: "PostgresClientTests", dependencies: ["PostgresClient", "LedgerTestSupport"],
             swiftSettings: swiftSettings),
         .testTarget(name: "LedgerCoreTests", dependencies: ["LedgerCore"], swiftSettings: swiftSettings),
+        .testTarget(name: "LedgerHTTPTests", dependencies: ["LedgerHTTP", "LedgerCore"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "LedgerBenchTests",
+            dependencies: [
+                "LedgerBench", .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings),
         .testTarget(
             name: "LedgerStoreTests",
             dependencies: ["LedgerStore", "PostgresClient", "LedgerCore", "LedgerTestSupport"],

@@ -109,3 +109,86 @@ extension JSONValue {
         }
     }
 }
+
+// MARK: - Numbers as PostgreSQL stores them
+
+extension JSONValue {
+    /// This value with every number written as the plain decimal PostgreSQL's jsonb stores and returns (`1e3` is
+    /// `1000`, `1.50e1` is `15.0`, `-0` is `0`), or nil when a number's exponent is beyond `exponentMax`.
+    ///
+    /// Why: jsonb keeps numbers as `numeric` and prints them without exponents, so a 6-byte `1e9999` would be stored
+    /// and returned as 10,000 bytes, and `1e200000` is beyond numeric's range altogether. Metadata limits must be
+    /// measured on what is stored, and nothing the database would refuse may reach it.
+    public func expandingNumbers(exponentMax: Int = 4096) -> JSONValue? {
+        switch self {
+        case .null, .bool, .string: return self
+        case .number(let lexeme):
+            return JSONValue.plainDecimal(lexeme, exponentMax: exponentMax).map { .number($0) }
+        case .array(let elements):
+            var expanded: [JSONValue] = []
+            for element in elements {
+                guard let value = element.expandingNumbers(exponentMax: exponentMax) else { return nil }
+                expanded.append(value)
+            }
+            return .array(expanded)
+        case .object(let members):
+            var expanded: [JSONMember] = []
+            for member in members {
+                guard let value = member.value.expandingNumbers(exponentMax: exponentMax) else { return nil }
+                expanded.append(JSONMember(member.key, value))
+            }
+            return .object(expanded)
+        }
+    }
+
+    /// The plain decimal of a JSON number lexeme with numeric's scale: digits after the point =
+    /// max(0, fraction digits - exponent).
+    static func plainDecimal(_ lexeme: String, exponentMax: Int) -> String? {
+        var bytes = Substring(lexeme).utf8[...]
+        var negative = false
+        if bytes.first == UInt8(ascii: "-") {
+            negative = true
+            bytes = bytes.dropFirst()
+        }
+        let mantissaEnd = bytes.firstIndex { $0 == UInt8(ascii: "e") || $0 == UInt8(ascii: "E") } ?? bytes.endIndex
+        let mantissa = bytes[..<mantissaEnd]
+        var exponent = 0
+        if mantissaEnd != bytes.endIndex {
+            let exponentText = String(decoding: bytes[bytes.index(after: mantissaEnd)...], as: UTF8.self)
+            // A lexeme's exponent can be any length: compare its size before converting.
+            let digits = exponentText.drop { $0 == "+" || $0 == "-" }.drop { $0 == "0" }
+            guard digits.count <= 9, let value = Int(exponentText), abs(value) <= exponentMax else { return nil }
+            exponent = value
+        }
+        let point = mantissa.firstIndex(of: UInt8(ascii: "."))
+        let integerDigits = Array(mantissa[..<(point ?? mantissa.endIndex)])
+        let fractionDigits = point.map { Array(mantissa[mantissa.index(after: $0)...]) } ?? []
+        let digits = integerDigits + fractionDigits
+        let scale = max(0, fractionDigits.count - exponent)
+        let pointPosition = integerDigits.count + exponent  // digits before the decimal point, may be <= 0 or > count
+        var integerPart: [UInt8]
+        var fractionPart: [UInt8]
+        if pointPosition <= 0 {
+            integerPart = [UInt8(ascii: "0")]
+            fractionPart = Array(repeating: UInt8(ascii: "0"), count: -pointPosition) + digits
+        } else if pointPosition >= digits.count {
+            integerPart = digits + Array(repeating: UInt8(ascii: "0"), count: pointPosition - digits.count)
+            fractionPart = []
+        } else {
+            integerPart = Array(digits[..<pointPosition])
+            fractionPart = Array(digits[pointPosition...])
+        }
+        // numeric's scale: pad or trim the fraction (trimmed digits are zeros: the scale is at least their count).
+        if fractionPart.count < scale {
+            fractionPart += Array(repeating: UInt8(ascii: "0"), count: scale - fractionPart.count)
+        } else if fractionPart.count > scale {
+            fractionPart = Array(fractionPart[..<scale])
+        }
+        while integerPart.count > 1, integerPart[0] == UInt8(ascii: "0") { integerPart.removeFirst() }
+        let isZero = (integerPart + fractionPart).allSatisfy { $0 == UInt8(ascii: "0") }
+        var text = (negative && !isZero) ? "-" : ""
+        text += String(decoding: integerPart, as: UTF8.self)
+        if !fractionPart.isEmpty { text += "." + String(decoding: fractionPart, as: UTF8.self) }
+        return text
+    }
+}

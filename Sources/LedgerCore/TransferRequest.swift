@@ -93,7 +93,11 @@ public struct TransferRequest: Sendable, Equatable {
         guard case .object = value else { return .failure(.invalidMetadata("metadata must be a JSON object.")) }
         // PostgreSQL's jsonb cannot hold U+0000; refuse it here rather than fail in the database.
         guard !value.containsNUL else { return .failure(.invalidMetadata("metadata must not contain U+0000.")) }
-        let text = value.compactText
+        // Measured on the numbers as the database stores them (no exponents), which is also what it sends back.
+        guard let stored = value.expandingNumbers() else {
+            return .failure(.invalidMetadata("metadata holds a number too large or too small to store."))
+        }
+        let text = stored.compactText
         guard text.utf8.count <= LedgerRules.metadataBytesMax else {
             return .failure(
                 .invalidMetadata("metadata is larger than \(LedgerRules.metadataBytesMax) bytes as compact JSON."))

@@ -186,3 +186,39 @@ struct EntriesPageTests {
         }
     }
 }
+
+@Suite("Metadata numbers as PostgreSQL stores them")
+struct MetadataNumberTests {
+    @Test(
+        "plain decimals with numeric's scale",
+        arguments: [
+            ("0", "0"), ("-0", "0"), ("-0.0", "0.0"), ("12", "12"), ("-12", "-12"), ("1.50", "1.50"),
+            ("1e3", "1000"), ("1E+3", "1000"), ("1.5e1", "15"), ("1.50e1", "15.0"), ("1.5e-3", "0.0015"),
+            ("15e-1", "1.5"), ("0.001e3", "1"), ("123.456e-5", "0.00123456"), ("-2.5e2", "-250"), ("0e5", "0"),
+            ("100e-2", "1.00"),
+        ])
+    func plain(lexeme: String, expected: String) throws {
+        let value = try #require(JSONValue.number(lexeme).expandingNumbers())
+        #expect(value == .number(expected))
+    }
+
+    @Test("the 4096-byte metadata limit counts expanded numbers; absurd exponents are refused")
+    func limits() {
+        func code(_ metadata: String) -> String? {
+            let body = #"{"account":"a","amount":1,"currency":"USD","metadata":\#(metadata)}"#
+            if case .failure(let problem) = TransferRequest.decode(kind: .credit, body: Array(body.utf8)) {
+                return problem.code
+            }
+            return nil
+        }
+        #expect(code(#"{"x":1e200000}"#) == "invalid-metadata")
+        #expect(code(#"{"x":1e-200000}"#) == "invalid-metadata")
+        #expect(code(#"{"x":1e99999999999999999999}"#) == "invalid-metadata")
+        #expect(code(#"{"x":1e4090}"#) == "invalid-metadata")  // 4091 digits: over the limit once stored
+        #expect(code(#"{"x":1e100}"#) == nil)
+        let request = try? TransferRequest.decode(
+            kind: .credit, body: Array(#"{"account":"a","amount":1,"currency":"USD","metadata":{"x":1.5e2}}"#.utf8)
+        ).get()
+        #expect(request?.metadataJSON == #"{"x":150}"#)
+    }
+}

@@ -1,0 +1,93 @@
+"""Schemathesis hooks for the Ledger API run (loaded through SCHEMATHESIS_HOOKS by run_schemathesis.sh).
+
+One hook only, `filter_failure`, and only for the `positive_data_acceptance` check: it drops a "schema-valid request
+rejected" failure when, and only when, the server's problem `code` is exactly the documented answer to a rule that
+JSON Schema cannot express. Every such request is still sent and every other check (status codes, content types,
+headers, response schemas, server errors) still applies to its response; a rejection with any other code, or for a
+request the rules below do not explain, remains a failure.
+
+The rules the schema cannot carry:
+- `same-account`: `from` must differ from `to`; JSON Schema cannot compare two properties.
+- `invalid-amount` for a whole float (`215.0`): in JSON Schema's data model 215.0 *is* an integer, but the contract
+  refuses any amount lexeme with a fraction or an exponent, so that no float ever stands for money.
+- `invalid-metadata`: metadata over 4096 bytes as compact JSON, or holding U+0000 (which PostgreSQL jsonb cannot
+  store); JSON Schema has no byte-size limit for an object.
+- `invalid-cursor`: a cursor is valid only when the service issued it for that account; a generated one never is.
+- 422 business outcomes of a well-formed POST: `insufficient-funds`, `currency-mismatch`, `balance-overflow`, and
+  `idempotency-key-reused` (a generated Idempotency-Key that an earlier generated request already used with another
+  body). These are answers about the ledger's state, not about the request's shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import schemathesis
+
+BUSINESS_422 = {"insufficient-funds", "currency-mismatch", "balance-overflow", "idempotency-key-reused"}
+METADATA_BYTES_MAX = 4096
+
+
+def _problem_code(response) -> str | None:
+    try:
+        body = json.loads(response.content)
+    except (ValueError, TypeError):
+        return None
+    return body.get("code") if isinstance(body, dict) else None
+
+
+def _contains_nul(value) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_contains_nul(k) or _contains_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_contains_nul(v) for v in value)
+    return False
+
+
+def _metadata_refusable(metadata) -> bool:
+    if not isinstance(metadata, dict):
+        return False
+    if _contains_nul(metadata):
+        return True
+    compact = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return len(compact) > METADATA_BYTES_MAX
+
+
+def _explained(case, response) -> bool:
+    """Whether a rejection of schema-valid data is the documented answer to a rule the schema cannot express."""
+    code = _problem_code(response)
+    method = case.operation.method.upper()
+    path = case.operation.path
+    body = case.body if isinstance(case.body, dict) else {}
+    if method == "POST" and response.status_code == 422 and code in BUSINESS_422:
+        return True
+    if method == "POST" and response.status_code == 400:
+        if code == "same-account" and path == "/v1/transfers":
+            return isinstance(body.get("from"), str) and body.get("from") == body.get("to")
+        if code == "invalid-amount":
+            amount = body.get("amount")
+            return isinstance(amount, float) and amount.is_integer()
+        if code == "invalid-metadata":
+            return _metadata_refusable(body.get("metadata"))
+    if method == "GET" and path == "/v1/accounts/{id}/entries" and response.status_code == 400:
+        if code == "invalid-cursor":
+            return bool(case.query) and "cursor" in case.query
+    return False
+
+
+@schemathesis.hook
+def filter_failure(context, failure, case, response) -> bool:
+    """Keep every failure except a positive-data rejection that `_explained` accounts for."""
+    if type(failure).__name__ != "RejectedPositiveData":
+        return True
+    if not _explained(case, response):
+        return True
+    log = os.environ.get("ST_FILTER_LOG")
+    if log:
+        with open(log, "a", encoding="utf-8") as f:
+            operation = f"{case.operation.method.upper()} {case.operation.path}"
+            f.write(f"{operation} {response.status_code} {_problem_code(response)}\n")
+    return False

@@ -1,0 +1,713 @@
+"""The OpenAPI description (Sources/LedgerHTTP/Resources/openapi.yaml) against the code and the live service.
+
+- The document is valid OpenAPI 3.1.
+- It describes exactly the (method, path) pairs the service routes: a table kept here, checked against the `Route`
+  enum of Sources/LedgerHTTP/LedgerAPI.swift and against the live server (every documented pair is served, every
+  other method on a documented path is 405 with `Allow`).
+- Its problem codes are exactly those of the sources, each under its own status.
+- GET /openapi.yaml serves the file byte for byte.
+- Deterministic requests reach every documented status of every operation (except 500) and each answer is
+  validated against the document: status, media type, body schema, required headers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+import pytest
+import requests
+import yaml
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import OpenAPIV31SpecValidator, validate
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
+
+from openapi_support import OPENAPI_PATH, REPO, free_port, start_server
+
+TIMEOUT = 30
+AMOUNT_MAX = 9007199254740991
+
+# The service's routes: the `label` of each case of `LedgerAPI.Route` with its `methods`.
+ROUTES = {
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.yaml"),
+    ("GET", "/v1/accounts/{id}"),
+    ("PUT", "/v1/accounts/{id}"),
+    ("GET", "/v1/accounts/{id}/entries"),
+    ("POST", "/v1/credits"),
+    ("POST", "/v1/debits"),
+    ("POST", "/v1/transfers"),
+    ("GET", "/v1/transfers/{id}"),
+}
+
+HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+DOC_TEXT = OPENAPI_PATH.read_text(encoding="utf-8")
+DOC = yaml.safe_load(DOC_TEXT)
+DOC_URI = "urn:ledger:openapi"
+REGISTRY = Registry().with_resource(DOC_URI, DRAFT202012.create_resource(DOC))
+
+
+def uid(prefix: str = "") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:16]}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading the document
+
+
+def documented_operations() -> set[tuple[str, str]]:
+    return {
+        (method.upper(), path) for path, item in DOC["paths"].items() for method in item if method in HTTP_METHODS
+    }
+
+
+def resolve(node):
+    """Follows `$ref`s of OpenAPI objects (responses, headers, parameters) inside the document."""
+    while isinstance(node, dict) and "$ref" in node:
+        ref = node["$ref"]
+        assert ref.startswith("#/"), ref
+        target = DOC
+        for part in ref[2:].split("/"):
+            target = target[part.replace("~1", "/").replace("~0", "~")]
+        node = target
+    return node
+
+
+def absolutize(node):
+    """A copy of a schema whose local `$ref`s point into the registered document."""
+    if isinstance(node, dict):
+        return {
+            key: DOC_URI + value if key == "$ref" and str(value).startswith("#") else absolutize(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [absolutize(item) for item in node]
+    return node
+
+
+def validate_value(schema: dict, value, what: str) -> None:
+    validator = Draft202012Validator(
+        absolutize(schema), registry=REGISTRY, format_checker=Draft202012Validator.FORMAT_CHECKER
+    )
+    errors = sorted(validator.iter_errors(value), key=lambda e: list(e.path))
+    assert not errors, f"{what} violates the schema: " + "; ".join(
+        f"{list(e.path)}: {e.message}" for e in errors[:5]
+    ) + f"\nvalue: {value!r}"
+
+
+def check_against(spec: dict, response: requests.Response, what: str):
+    """Validates media type, body and headers of `response` against a response object; returns the parsed body."""
+    spec = resolve(spec)
+    media_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    content = spec.get("content", {})
+    assert media_type in content, f"{what}: Content-Type {media_type!r} is not documented (documented: {list(content)})"
+    body = None
+    if response.request.method != "HEAD":
+        if media_type.endswith("json"):
+            body = json.loads(response.content)
+        elif media_type == "application/yaml":
+            body = yaml.safe_load(response.content)
+        else:
+            body = response.content.decode("utf-8")
+        validate_value(content[media_type]["schema"], body, f"{what} body")
+    for name, header in spec.get("headers", {}).items():
+        header = resolve(header)
+        value = response.headers.get(name)
+        if header.get("required"):
+            assert value is not None, f"{what}: required header {name} is missing"
+        if value is not None:
+            validate_value(header["schema"], value, f"{what} header {name}")
+    if media_type == "application/problem+json" and body is not None:
+        assert body["type"] == f"urn:ledger:problem:{body['code']}", body
+        assert body["status"] == response.status_code, body
+    return body
+
+
+def check(method: str, template: str, response: requests.Response):
+    """Validates a response of a documented operation; returns the parsed body."""
+    operation = DOC["paths"][template][method.lower()]
+    status = str(response.status_code)
+    what = f"{method} {template} -> {status}"
+    assert status in operation["responses"], f"{what}: status not documented; body: {response.text[:300]}"
+    return check_against(operation["responses"][status], response, what)
+
+
+def problem_code(response: requests.Response):
+    try:
+        return response.json().get("code")
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading the sources
+
+
+def swift_routes() -> set[tuple[str, str]]:
+    """(method, label) pairs of the `Route` enum in LedgerAPI.swift (labels of `.post(kind)` from Kind.path)."""
+    api = (REPO / "Sources" / "LedgerHTTP" / "LedgerAPI.swift").read_text(encoding="utf-8")
+    kinds = (REPO / "Sources" / "LedgerCore" / "TransferRequest.swift").read_text(encoding="utf-8")
+
+    def block(text: str, start: str, end: str) -> str:
+        match = re.search(re.escape(start) + r"(.*?)" + re.escape(end), text, re.S)
+        assert match, f"cannot find {start!r} ... {end!r}; has the source changed shape?"
+        return match.group(1)
+
+    enum_cases = set(re.findall(r"^\s*case (\w+)", block(api, "enum Route", "var label"), re.M))
+    kind_paths = re.findall(r'case \.\w+: return "([^"]+)"', block(kinds, "public var path: String", "}\n        }"))
+    labels: dict[str, list[str]] = {}
+    label_block = block(api, "var label: String", "var methods")
+    label_case = r'case \.(\w+)(?:\(let \w+\))?: return (?:"([^"]+)"|(kind\.path))'
+    for name, literal, via_kind in re.findall(label_case, label_block):
+        labels[name] = kind_paths if via_kind else [literal]
+    methods: dict[str, list[str]] = {}
+    methods_block = block(api, "var methods", "static func match")
+    for names, verbs in re.findall(r"case ([.\w, ]+): return \[([.\w, ]+)\]", methods_block):
+        for name in re.findall(r"\.(\w+)", names):
+            methods[name] = [verb.upper() for verb in re.findall(r"\.(\w+)", verbs)]
+    assert enum_cases == set(labels) == set(methods), (enum_cases, labels, methods)
+    return {(verb, label) for name in enum_cases for label in labels[name] for verb in methods[name]}
+
+
+def source_problem_statuses() -> dict[str, int]:
+    """Every problem code of Problem.swift and of the SQL renderer, with its status."""
+    swift = (REPO / "Sources" / "LedgerCore" / "Problem.swift").read_text(encoding="utf-8")
+    codes = {code: int(status) for status, code in re.findall(r'status: (\d+), code: "([a-z-]+)"', swift)}
+    for path in sorted((REPO / "sql").glob("*.sql")):
+        for status, code in re.findall(r"problem_json\((\d+), '([a-z-]+)'", path.read_text(encoding="utf-8")):
+            assert codes.setdefault(code, int(status)) == int(status), code
+    return codes
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The document itself
+
+
+def test_document_is_valid_openapi_3_1():
+    assert DOC["openapi"] == "3.1.0"
+    validate(DOC, cls=OpenAPIV31SpecValidator)
+
+
+def test_document_describes_exactly_the_routes():
+    assert documented_operations() == ROUTES
+
+
+def test_route_table_matches_the_swift_route_enum():
+    assert swift_routes() == ROUTES, "LedgerAPI.Route changed: update ROUTES here and the OpenAPI description"
+
+
+def test_problem_codes_are_exactly_those_of_the_sources():
+    documented = set(DOC["components"]["schemas"]["ProblemCode"]["enum"])
+    assert documented == set(source_problem_statuses())
+
+
+def _codes_of(schema) -> list[str]:
+    """The codes a documented problem response narrows `code` to."""
+    found: list[str] = []
+    for part in schema.get("allOf", []):
+        code = part.get("properties", {}).get("code", {})
+        found += code.get("enum", []) + ([code["const"]] if "const" in code else [])
+    return found
+
+
+def test_each_documented_problem_code_sits_under_its_own_status():
+    statuses = source_problem_statuses()
+    responses = [(f"components.responses.{n}", r) for n, r in DOC["components"]["responses"].items()]
+    for path, item in DOC["paths"].items():
+        for method, operation in item.items():
+            if method in HTTP_METHODS:
+                responses += [(f"{method.upper()} {path} {s}", r) for s, r in operation["responses"].items()]
+    checked = 0
+    for where, response in responses:
+        response = resolve(response)
+        schema = response.get("content", {}).get("application/problem+json", {}).get("schema")
+        if not schema:
+            continue
+        status = next(p["properties"]["status"]["const"] for p in schema["allOf"] if "properties" in p)
+        codes = _codes_of(schema)
+        assert codes, where
+        for code in codes:
+            assert statuses[code] == status, f"{where}: {code} is a {statuses[code]}, documented under {status}"
+            checked += 1
+    assert checked > 40
+
+
+def test_every_operation_documents_the_shared_failures():
+    for method, path in ROUTES:
+        responses = DOC["paths"][path][method.lower()]["responses"]
+        assert {"413", "500"} <= set(responses), (method, path)
+        if path.startswith("/v1/"):
+            assert {"401", "503"} <= set(responses), (method, path)
+            assert DOC["paths"][path][method.lower()].get("security") is None, "v1 uses the global bearer security"
+        else:
+            assert DOC["paths"][path][method.lower()]["security"] == [], (method, path)
+        for status, response in responses.items():
+            assert "X-Request-Id" in resolve(response).get("headers", {}), (method, path, status)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The live service: routes
+
+
+class Api:
+    def __init__(self, base: str, token: str | None):
+        self.base = base
+        self.token = token
+
+    def request(self, method: str, path: str, *, body=None, data=None, headers=None, key=None, params=None, auth=True):
+        all_headers = {}
+        if auth and self.token:
+            all_headers["Authorization"] = f"Bearer {self.token}"
+        if key is not None:
+            all_headers["Idempotency-Key"] = key
+        if body is not None:
+            data = json.dumps(body).encode()
+        if data is not None:
+            all_headers.setdefault("Content-Type", "application/json")
+        all_headers.update(headers or {})
+        return requests.request(
+            method, self.base + path, data=data, headers=all_headers, params=params, timeout=TIMEOUT
+        )
+
+
+@pytest.fixture(scope="module")
+def api(server, tokens) -> Api:
+    return Api(server.base, tokens["a"])
+
+
+@pytest.fixture(scope="module")
+def accounts(api):
+    """alice and bob in USD (alice credited 100000), eve in EUR, neg in USD with allow_negative."""
+    for name, body in [
+        ("alice", {"currency": "USD"}),
+        ("bob", {"currency": "USD"}),
+        ("eve", {"currency": "EUR"}),
+        ("neg", {"currency": "USD", "allow_negative": True}),
+    ]:
+        assert api.request("PUT", f"/v1/accounts/{name}", body=body).status_code in (200, 201)
+    seed = {"account": "alice", "amount": 100000, "currency": "USD"}
+    response = api.request("POST", "/v1/credits", key=uid("seed-"), body=seed)
+    assert response.status_code == 201, response.text
+    return {"transfer_id": response.json()["id"]}
+
+
+def concrete(path: str, accounts) -> str:
+    if path.startswith("/v1/transfers/"):
+        return path.replace("{id}", accounts["transfer_id"])
+    return path.replace("{id}", "alice")
+
+
+POST_BODIES = {
+    "/v1/credits": {"account": "bob", "amount": 5, "currency": "USD"},
+    "/v1/debits": {"account": "alice", "amount": 5, "currency": "USD"},
+    "/v1/transfers": {"from": "alice", "to": "bob", "amount": 5, "currency": "USD"},
+}
+
+
+@pytest.mark.parametrize("method,path", sorted(ROUTES))
+def test_every_documented_operation_is_served(api, accounts, method, path):
+    if method == "POST":
+        response = api.request(method, path, key=uid("route-"), body=POST_BODIES[path])
+    elif method == "PUT":
+        response = api.request(method, concrete(path, accounts), body={"currency": "USD"})
+    else:
+        response = api.request(method, concrete(path, accounts))
+    assert problem_code(response) not in ("not-found", "method-not-allowed"), response.text
+    assert response.status_code in (200, 201), response.text
+    check(method, path, response)
+
+
+@pytest.mark.parametrize("path", sorted({p for _, p in ROUTES}))
+def test_other_methods_are_405_with_allow(api, accounts, path):
+    documented = {m for m, p in ROUTES if p == path}
+    for method in ("GET", "PUT", "POST", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE"):
+        if method in documented:
+            continue
+        response = api.request(method, concrete(path, accounts))
+        assert response.status_code == 405, (method, path, response.status_code, response.text)
+        assert {m.strip() for m in response.headers["Allow"].split(",")} == documented, response.headers["Allow"]
+        check_against(DOC["components"]["responses"]["MethodNotAllowed"], response, f"{method} {path}")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/v1",
+        "/v1/",
+        "/v1/accounts",
+        "/v1/accounts/alice/",
+        "/v1/accounts/alice/entries/x",
+        "/v2/credits",
+        "/openapi.json",
+        "/health/",
+    ],
+)
+def test_other_paths_are_not_found(api, path):
+    response = api.request("GET", path)
+    assert response.status_code == 404 and problem_code(response) == "not-found", (path, response.text)
+    check_against(DOC["components"]["responses"]["NotFound"], response, f"GET {path}")
+
+
+def test_served_document_is_the_file_byte_for_byte(server):
+    response = requests.get(server.base + "/openapi.yaml", timeout=TIMEOUT)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "application/yaml"
+    assert response.content == OPENAPI_PATH.read_bytes(), "rebuild (swift build) to ship the edited openapi.yaml"
+    check("GET", "/openapi.yaml", response)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The live service: every documented status
+
+
+def test_service_endpoints(server):
+    assert check("GET", "/health", requests.get(server.base + "/health", timeout=TIMEOUT)) == {"status": "ok"}
+    metrics = requests.get(server.base + "/metrics", timeout=TIMEOUT)
+    assert metrics.headers["Content-Type"].startswith("text/plain")
+    assert "ledger_http_requests_total" in check("GET", "/metrics", metrics)
+    big = b"x" * (64 * 1024 + 1)
+    for path in ("/health", "/metrics", "/openapi.yaml"):
+        response = requests.get(server.base + path, data=big, timeout=TIMEOUT)
+        assert problem_code(response) == "body-too-large", path
+        check("GET", path, response)
+
+
+def test_unauthorized_on_every_v1_operation(server, accounts):
+    for method, path in sorted(ROUTES):
+        if not path.startswith("/v1/"):
+            continue
+        for headers in ({}, {"Authorization": "Bearer not-a-known-token"}, {"Authorization": "Basic YTpi"}):
+            url = server.base + concrete(path, accounts)
+            response = requests.request(method, url, headers=headers, timeout=TIMEOUT)
+            assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer", (method, path)
+            check(method, path, response)
+
+
+def test_body_too_large_on_every_v1_operation(api, accounts):
+    big = b"{" + b" " * (64 * 1024) + b"}"
+    for method, path in sorted(ROUTES):
+        if path.startswith("/v1/"):
+            response = api.request(method, concrete(path, accounts), data=big, key=uid())
+            assert problem_code(response) == "body-too-large", (method, path, response.text)
+            check(method, path, response)
+    # Exactly the limit is read (and then judged as JSON).
+    at_limit = b"{" + b" " * (64 * 1024 - 2) + b"}"
+    response = api.request("PUT", "/v1/accounts/alice", data=at_limit)
+    assert problem_code(response) == "invalid-currency", response.text
+
+
+def test_put_account(api):
+    name = uid("acct-")
+    created = api.request("PUT", f"/v1/accounts/{name}", body={"currency": "USD"})
+    assert created.status_code == 201
+    account = check("PUT", "/v1/accounts/{id}", created)
+    assert account["id"] == name and account["balance"] == 0 and account["version"] == 0
+    again = api.request("PUT", f"/v1/accounts/{name}", body={"allow_negative": False, "currency": "USD"})
+    assert again.status_code == 200 and again.json() == account
+    check("PUT", "/v1/accounts/{id}", again)
+    cases = [
+        (f"/v1/accounts/{name}", {"currency": "EUR"}, None, "account-conflict"),
+        ("/v1/accounts/%40world", {"currency": "USD"}, None, "invalid-account-id"),
+        ("/v1/accounts/" + "a" * 65, {"currency": "USD"}, None, "invalid-account-id"),
+        (f"/v1/accounts/{uid()}", {"currency": "USD", "extra": 1}, None, "invalid-json"),
+        (f"/v1/accounts/{uid()}", {"currency": "USD", "allow_negative": "yes"}, None, "invalid-json"),
+        (f"/v1/accounts/{uid()}", {"currency": "usd"}, None, "invalid-currency"),
+        (f"/v1/accounts/{uid()}", {}, None, "invalid-currency"),
+        (f"/v1/accounts/{uid()}", {"currency": "USD"}, {"Content-Type": "text/plain"}, "unsupported-media-type"),
+    ]
+    for path, body, headers, code in cases:
+        response = api.request("PUT", path, body=body, headers=headers)
+        assert problem_code(response) == code, (path, body, response.text)
+        check("PUT", "/v1/accounts/{id}", response)
+    accepted_types = (
+        "application/merge-patch+json",
+        "application/x-www-form-urlencoded",
+        "application/json; charset=utf-8",
+    )
+    for content_type in accepted_types:
+        headers = {"Content-Type": content_type}
+        response = api.request("PUT", f"/v1/accounts/{uid()}", body={"currency": "USD"}, headers=headers)
+        assert response.status_code == 201, (content_type, response.text)
+    response = api.request("PUT", f"/v1/accounts/{uid()}", data=b'{"currency":"USD","currency":"USD"}')
+    assert problem_code(response) == "invalid-json"
+
+
+def test_get_account(api, tokens, server):
+    response = api.request("GET", "/v1/accounts/alice")
+    assert check("GET", "/v1/accounts/{id}", response)["id"] == "alice"
+    for path, code in [
+        ("/v1/accounts/nobody-here", "account-not-found"),
+        ("/v1/accounts/.hidden", "invalid-account-id"),
+    ]:
+        response = api.request("GET", path)
+        assert problem_code(response) == code
+        check("GET", "/v1/accounts/{id}", response)
+    # Another client does not see alice.
+    other = Api(server.base, tokens["b"]).request("GET", "/v1/accounts/alice")
+    assert problem_code(other) == "account-not-found"
+
+
+def test_entries_and_cursor(api):
+    name = uid("pages-")
+    assert api.request("PUT", f"/v1/accounts/{name}", body={"currency": "USD"}).status_code == 201
+    for amount in (1, 2, 3):
+        credit = {"account": name, "amount": amount, "currency": "USD"}
+        assert api.request("POST", "/v1/credits", key=uid(), body=credit).status_code == 201
+    first = api.request("GET", f"/v1/accounts/{name}/entries?limit=2")
+    page = check("GET", "/v1/accounts/{id}/entries", first)
+    assert [e["amount"] for e in page["entries"]] == [3, 2] and isinstance(page["next_cursor"], str)
+    second = api.request("GET", f"/v1/accounts/{name}/entries", params={"limit": 2, "cursor": page["next_cursor"]})
+    page2 = check("GET", "/v1/accounts/{id}/entries", second)
+    assert [e["amount"] for e in page2["entries"]] == [1] and page2["next_cursor"] is None
+    cases = [
+        (f"/v1/accounts/{name}/entries?limit=0", "invalid-limit"),
+        (f"/v1/accounts/{name}/entries?limit=501", "invalid-limit"),
+        (f"/v1/accounts/{name}/entries?limit=1.5", "invalid-limit"),
+        (f"/v1/accounts/{name}/entries?limit=", "invalid-limit"),
+        (f"/v1/accounts/{name}/entries?cursor=abc", "invalid-cursor"),
+        (f"/v1/accounts/alice/entries?cursor={page['next_cursor']}", "invalid-cursor"),
+        ("/v1/accounts/%2E%2E/entries", "invalid-account-id"),
+        ("/v1/accounts/nobody-here/entries", "account-not-found"),
+    ]
+    for path, code in cases:
+        response = api.request("GET", path)
+        assert problem_code(response) == code, (path, response.text)
+        check("GET", "/v1/accounts/{id}/entries", response)
+
+
+POST_OPS = ("/v1/credits", "/v1/debits", "/v1/transfers")
+
+
+def test_post_success_and_replay(api, accounts):
+    for path in POST_OPS:
+        key = uid("ok-")
+        body = dict(POST_BODIES[path], metadata={"n": 1, "s": "x"})
+        first = api.request("POST", path, key=key, body=body)
+        transfer = check("POST", path, first)
+        assert first.status_code == 201 and first.headers["Idempotent-Replayed"] == "false"
+        assert re.fullmatch(r"[1-9][0-9]*", transfer["id"])
+        # The sf-string form of the same key, members reordered: the same key and fingerprint, so a replay.
+        replay = api.request("POST", path, key=f'"{key}"', data=json.dumps(dict(reversed(list(body.items())))).encode())
+        check("POST", path, replay)
+        assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
+        assert replay.content == first.content
+        got = api.request("GET", f"/v1/transfers/{transfer['id']}")
+        assert check("GET", "/v1/transfers/{id}", got) == transfer
+    credit = api.request("POST", "/v1/credits", key=uid(), body=POST_BODIES["/v1/credits"])
+    assert check("POST", "/v1/credits", credit)["from"] == "@world"
+    debit = api.request("POST", "/v1/debits", key=uid(), body=POST_BODIES["/v1/debits"])
+    assert check("POST", "/v1/debits", debit)["to"] == "@world"
+    # The largest amount, onto an account that may go negative.
+    largest = {"account": "neg", "amount": AMOUNT_MAX, "currency": "USD"}
+    response = api.request("POST", "/v1/debits", key=uid(), body=largest)
+    assert response.status_code == 201, response.text
+    check("POST", "/v1/debits", response)
+    entries = check("GET", "/v1/accounts/{id}/entries", api.request("GET", "/v1/accounts/neg/entries?limit=1"))
+    assert entries["entries"][0]["balance_after"] < 0
+    assert check("GET", "/v1/accounts/{id}", api.request("GET", "/v1/accounts/neg"))["balance"] < 0
+
+
+def test_post_bad_requests(api, accounts):
+    base = {"account": "alice", "amount": 1, "currency": "USD"}
+    cases = [
+        (None, base, "idempotency-key-missing"),
+        ('"unterminated', base, "idempotency-key-invalid"),
+        ("x" * 256, base, "idempotency-key-invalid"),
+        ("ok", b"not json", "invalid-json"),
+        ("ok", b"[1]", "invalid-json"),
+        ("ok", b'{"account":"alice","account":"alice","amount":1,"currency":"USD"}', "invalid-json"),
+        ("ok", dict(base, memo="x"), "invalid-json"),
+        ("ok", dict(base, account="@world"), "invalid-account-id"),
+        ("ok", dict(base, account=7), "invalid-account-id"),
+        ("ok", b'{"account":"alice","amount":1.0,"currency":"USD"}', "invalid-amount"),
+        ("ok", b'{"account":"alice","amount":1e3,"currency":"USD"}', "invalid-amount"),
+        ("ok", dict(base, amount=0), "invalid-amount"),
+        ("ok", dict(base, amount=AMOUNT_MAX + 1), "invalid-amount"),
+        ("ok", dict(base, amount="1"), "invalid-amount"),
+        ("ok", dict(base, currency="US"), "invalid-currency"),
+        ("ok", dict(base, metadata=[]), "invalid-metadata"),
+        ("ok", dict(base, metadata={"k": "x" * 4089}), "invalid-metadata"),  # 4097 bytes compact
+        ("ok", dict(base, metadata={"k": "a\u0000b"}), "invalid-metadata"),
+    ]
+    for path in POST_OPS:
+        for key, body, code in cases:
+            if path == "/v1/transfers" and isinstance(body, dict) and "account" in body:
+                body = {("from" if k == "account" else k): v for k, v in body.items()}
+                body.setdefault("to", "bob")
+            if path == "/v1/transfers" and isinstance(body, bytes):
+                body = body.replace(b'"account":"alice"', b'"from":"alice","to":"bob"', 1)
+                body = body.replace(b'"account":"alice"', b'"from":"alice"')
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            if key == "ok":
+                key = uid("bad-")
+            response = api.request("POST", path, key=key, data=data)
+            assert problem_code(response) == code, (path, key, body, response.text)
+            check("POST", path, response)
+    same = {"from": "alice", "to": "alice", "amount": 1, "currency": "USD"}
+    response = api.request("POST", "/v1/transfers", key=uid(), body=same)
+    assert problem_code(response) == "same-account"
+    check("POST", "/v1/transfers", response)
+    # Exactly 4096 bytes of compact metadata is fine.
+    response = api.request("POST", "/v1/credits", key=uid(), body=dict(base, metadata={"k": "x" * 4088}))
+    assert response.status_code == 201, response.text
+    response = api.request("POST", "/v1/credits", key=uid(), body=base, headers={"Content-Type": "text/plain"})
+    assert problem_code(response) == "unsupported-media-type"
+    check("POST", "/v1/credits", response)
+
+
+def test_post_stored_outcomes_and_reuse(api, accounts):
+    cases = [
+        ("/v1/credits", {"account": "nobody-here", "amount": 1, "currency": "USD"}, "account-not-found"),
+        ("/v1/debits", {"account": "bob", "amount": AMOUNT_MAX, "currency": "USD"}, "insufficient-funds"),
+        ("/v1/transfers", {"from": "alice", "to": "eve", "amount": 1, "currency": "USD"}, "currency-mismatch"),
+        ("/v1/transfers", {"from": "alice", "to": "nobody-here", "amount": 1, "currency": "USD"}, "account-not-found"),
+    ]
+    for path, body, code in cases:
+        key = uid("stored-")
+        first = api.request("POST", path, key=key, body=body)
+        assert problem_code(first) == code and first.headers["Idempotent-Replayed"] == "false", first.text
+        check("POST", path, first)
+        replay = api.request("POST", path, key=key, body=body)
+        assert replay.headers["Idempotent-Replayed"] == "true" and replay.content == first.content
+        check("POST", path, replay)
+        reused = api.request("POST", path, key=key, body=dict(body, amount=2))
+        assert problem_code(reused) == "idempotency-key-reused" and "Idempotent-Replayed" not in reused.headers
+        check("POST", path, reused)
+
+
+def test_balance_overflow(api):
+    name = uid("big-")
+    assert api.request("PUT", f"/v1/accounts/{name}", body={"currency": "JPY"}).status_code == 201
+    codes = []
+    for _ in range(1025):  # 1024 * (2^53-1) < 2^63-1 < 1025 * (2^53-1)
+        credit = {"account": name, "amount": AMOUNT_MAX, "currency": "JPY"}
+        response = api.request("POST", "/v1/credits", key=uid(), body=credit)
+        codes.append(problem_code(response) if response.status_code != 201 else 201)
+        if response.status_code != 201:
+            break
+    assert codes[-1] == "balance-overflow" and codes.count(201) == 1024, codes[-3:]
+    check("POST", "/v1/credits", response)
+
+
+def test_get_transfer(api, accounts):
+    response = api.request("GET", f"/v1/transfers/{accounts['transfer_id']}")
+    assert check("GET", "/v1/transfers/{id}", response)["to"] == "alice"
+    for raw in ("999999999999", "abc", "99999999999999999999", "-1"):
+        response = api.request("GET", f"/v1/transfers/{raw}")
+        assert problem_code(response) == "transfer-not-found", raw
+        check("GET", "/v1/transfers/{id}", response)
+
+
+IDEMPOTENCY_KEY_CORPUS = [
+    "abc-123",
+    "A",
+    "x" * 255,
+    "x" * 256,
+    "!#$%&'()*+,-./:;<=>?@[\\]^_`{|}~",
+    "a b",
+    'a"b',
+    '"',
+    '""',
+    '"a b"',
+    '"a',
+    '"a"b"',
+    '"a\\"b"',
+    '"a\\\\b"',
+    '"a\\nb"',
+    '"' + "x" * 255 + '"',
+    '"' + "x" * 256 + '"',
+    '"' + '\\"' * 255 + '"',
+    '"' + '\\"' * 256 + '"',
+    "caf\u00e9",
+    "a\tb",
+]
+
+
+def test_idempotency_key_pattern_agrees_with_the_server(api):
+    """For a corpus of header values: the documented pattern matches exactly those the server accepts."""
+    pattern = re.compile(resolve(DOC["components"]["parameters"]["IdempotencyKey"])["schema"]["pattern"])
+    for value in IDEMPOTENCY_KEY_CORPUS:
+        # `{}` passes the header check and then fails the body check: nothing is ever written.
+        response = api.request("POST", "/v1/credits", key=value, data=b"{}")
+        accepted = problem_code(response) != "idempotency-key-invalid"
+        assert accepted == bool(pattern.search(value)), (value, response.text)
+
+
+def test_request_id_is_echoed_or_replaced(server):
+    echoed = requests.get(server.base + "/health", headers={"X-Request-Id": "trace-42"}, timeout=TIMEOUT)
+    assert echoed.headers["X-Request-Id"] == "trace-42"
+    for bad in ("x" * 129, "has space"):
+        replaced = requests.get(server.base + "/health", headers={"X-Request-Id": bad}, timeout=TIMEOUT)
+        assert replaced.status_code == 200 and replaced.headers["X-Request-Id"] != bad
+        check("GET", "/health", replaced)
+
+
+def test_database_unavailable(tokens):
+    """A service whose database is unreachable: 503 with Retry-After on /health and on /v1; /metrics still works."""
+    dead = f"host=127.0.0.1 port={free_port()} user=postgres dbname=none connect_timeout=2"
+    srv = start_server(dead, ["--connect-timeout-s", "2"], wait_healthy=False)
+    try:
+        api = Api(srv.base, tokens["a"])
+        health = requests.get(srv.base + "/health", timeout=TIMEOUT)
+        assert problem_code(health) == "database-unavailable" and health.headers["Retry-After"].isdigit()
+        check("GET", "/health", health)
+        for method, path in sorted(ROUTES):
+            if path.startswith("/v1/"):
+                body = POST_BODIES.get(path) or ({"currency": "USD"} if method == "PUT" else None)
+                response = api.request(method, path.replace("{id}", "1"), body=body, key=uid())
+                assert problem_code(response) == "database-unavailable", (method, path, response.text)
+                check(method, path, response)
+        check("GET", "/metrics", requests.get(srv.base + "/metrics", timeout=TIMEOUT))
+    finally:
+        srv.stop()
+
+
+def test_metadata_numbers_are_measured_as_stored_and_never_a_server_error(api, accounts):
+    """jsonb stores numbers without exponents: out-of-range ones and ones that expand past 4096 bytes are 400."""
+    for lexeme in ("1e200000", "1e-200000", "1e5000"):
+        data = b'{"account":"alice","amount":1,"currency":"USD","metadata":{"x":' + lexeme.encode() + b"}}"
+        response = api.request("POST", "/v1/credits", key=uid(), data=data)
+        check("POST", "/v1/credits", response)
+        assert problem_code(response) == "invalid-metadata", (lexeme, response.text)
+    data = b'{"account":"alice","amount":1,"currency":"USD","metadata":{"x":1.5e2}}'
+    response = api.request("POST", "/v1/credits", key=uid(), data=data)
+    assert response.status_code == 201, response.text
+    assert response.json()["metadata"] == {"x": 150}
+
+
+def test_precedence_as_described(api, server):
+    """The order the description's Precedence section states."""
+    big = b"{" + b" " * (64 * 1024) + b"}"
+    anon = Api(server.base, None)
+    assert problem_code(anon.request("POST", "/v1/credits", data=big, key="k")) == "unauthorized"
+    assert problem_code(anon.request("GET", "/v1/no-such-route")) == "unauthorized"
+    assert problem_code(anon.request("GET", "/no-such-route", data=big)) == "body-too-large"
+    assert problem_code(api.request("GET", "/v1/no-such-route", data=big)) == "body-too-large"
+    assert problem_code(api.request("DELETE", "/v1/credits", data=b"nonsense")) == "method-not-allowed"
+    text = {"Content-Type": "text/plain"}
+    assert problem_code(api.request("POST", "/v1/credits", data=b"nonsense", headers=text)) == "idempotency-key-missing"
+    response = api.request("POST", "/v1/credits", key=uid(), data=b"nonsense", headers=text)
+    assert problem_code(response) == "unsupported-media-type"
+    assert problem_code(api.request("PUT", "/v1/accounts/%40x", data=b"nonsense", headers=text)) == "invalid-account-id"
+    assert problem_code(api.request("GET", "/v1/accounts/%40x/entries?limit=0")) == "invalid-account-id"
+    assert problem_code(api.request("GET", "/v1/accounts/nobody-here/entries?limit=0")) == "invalid-limit"
+    assert problem_code(api.request("GET", "/v1/accounts/nobody-here/entries?limit=1&cursor=x")) == "invalid-cursor"
+    body = {"from": "@x", "to": "@x", "amount": 1.5, "currency": "usd", "metadata": [], "extra": 1}
+    steps = [
+        ("invalid-json", lambda b: b.pop("extra")),
+        ("invalid-account-id", lambda b: b.update({"from": "p1", "to": "p1"})),
+        ("invalid-amount", lambda b: b.update({"amount": 1})),
+        ("invalid-currency", lambda b: b.update({"currency": "USD"})),
+        ("same-account", lambda b: b.update({"to": "p2"})),
+        ("invalid-metadata", lambda b: b.update({"metadata": {}})),
+    ]
+    for code, fix in steps:
+        assert problem_code(api.request("POST", "/v1/transfers", key=uid(), body=body)) == code, body
+        fix(body)
+    # All fixed: the accounts do not exist, a stored outcome.
+    assert problem_code(api.request("POST", "/v1/transfers", key=uid(), body=body)) == "account-not-found"
