@@ -215,17 +215,11 @@ public struct LedgerAPI: HTTPResponder {
         let key = try IdempotencyKey.parse(headerValues: request.headers[values: .idempotencyKey]).get()
         try checkContentType(request)
         let transfer = try TransferRequest.decode(kind: kind, body: body).get()
-        let outcome = try await store.post(client: client, key: key, request: transfer)
-        switch outcome {
-        case .executed(let status, let json), .replayed(let status, let json):
-            let replayed = outcome == .replayed(status: status, body: json)
-            trace.idempotencyOutcome = replayed ? "replayed" : "executed"
-            LedgerMetrics.idempotency(outcome: replayed ? "replayed" : "executed")
-            if status != 201, let code = Problem.code(ofJSON: json) {
-                trace.problemCode = code
-                if !replayed { LedgerMetrics.businessProblem(code: code) }
-            }
-            return .json(status: status, body: json, headers: [.idempotentReplayed: replayed ? "true" : "false"])
+        switch try await store.post(client: client, key: key, request: transfer) {
+        case .executed(let status, let json):
+            return answer(status: status, body: json, replayed: false, trace: trace)
+        case .replayed(let status, let json):
+            return answer(status: status, body: json, replayed: true, trace: trace)
         case .reused:
             trace.idempotencyOutcome = "reused"
             LedgerMetrics.idempotency(outcome: "reused")
@@ -235,6 +229,18 @@ public struct LedgerAPI: HTTPResponder {
             LedgerMetrics.idempotency(outcome: "in_progress")
             throw Problem.idempotencyKeyInProgress(retryAfterSeconds: options.retryAfterSeconds)
         }
+    }
+
+    /// A stored outcome (201 or a stored problem), first time or replayed, with `Idempotent-Replayed`.
+    private func answer(status: Int, body: String, replayed: Bool, trace: RequestTrace) -> Response {
+        let outcome = replayed ? "replayed" : "executed"
+        trace.idempotencyOutcome = outcome
+        LedgerMetrics.idempotency(outcome: outcome)
+        if status != 201, let code = Problem.code(ofJSON: body) {
+            trace.problemCode = code
+            if !replayed { LedgerMetrics.businessProblem(code: code) }
+        }
+        return .json(status: status, body: body, headers: [.idempotentReplayed: replayed ? "true" : "false"])
     }
 
     private func putAccount(client: String, id: String, body: [UInt8]) async throws -> Response {
