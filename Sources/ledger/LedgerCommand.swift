@@ -170,21 +170,40 @@ extension LedgerCommand {
 
         @OptionGroup var database: DatabaseOptions
 
-        @Option(name: .customLong("retention-s"), help: "Keep stored responses younger than this, in seconds (env: LEDGER_RETENTION_S; default: 86400).")
-        var retentionSeconds: Int?
-
-        @Option(name: .customLong("purge-batch-size"), help: "Rows deleted per statement (env: LEDGER_PURGE_BATCH_SIZE; default: 1000).")
-        var batchSize: Int?
+        @OptionGroup var retention: RetentionFlags
 
         func run() async throws {
             let logger = try database.makeLogger(label: "ledger.purge")
-            let retention = try Environment.int("LEDGER_RETENTION_S", flag: retentionSeconds, default: 86_400, range: 0...(3_650 * 86_400))
-            let batch = try Environment.int("LEDGER_PURGE_BATCH_SIZE", flag: batchSize, default: 1_000, range: 1...100_000)
+            let options = try retention.options()
             let deleted = try await database.withStore(logger: logger) {
-                try await $0.purgeStoredResponses(retention: .seconds(retention), batchSize: batch, batchesMax: Int.max)
+                try await $0.purgeStoredResponses(
+                    retention: options.retention, batchSize: options.purgeBatchSize, batchesMax: Int.max)
             }
+            let retention = options.retention.components.seconds
             print("ledger purge: deleted \(deleted) stored responses older than \(retention) s")
         }
+    }
+}
+
+/// How long stored responses are kept and how they are purged: `ledger serve` (in the background) and `ledger purge`.
+struct RetentionFlags: ParsableArguments {
+    @Option(name: .customLong("retention-s"), help: "Stored responses are kept at least this long, in seconds (env: LEDGER_RETENTION_S; default: 86400).")
+    var retentionSeconds: Int?
+
+    @Option(name: .customLong("purge-interval-s"), help: "Seconds between background purges by `ledger serve` (env: LEDGER_PURGE_INTERVAL_S; default: 60).")
+    var purgeIntervalSeconds: Int?
+
+    @Option(name: .customLong("purge-batch-size"), help: "Stored responses deleted per statement (env: LEDGER_PURGE_BATCH_SIZE; default: 1000).")
+    var purgeBatchSize: Int?
+
+    func options() throws -> RetentionOptions {
+        RetentionOptions(
+            retention: .seconds(
+                try Environment.int("LEDGER_RETENTION_S", flag: retentionSeconds, default: 86_400, range: 1...(3_650 * 86_400))),
+            purgeInterval: .seconds(
+                try Environment.int("LEDGER_PURGE_INTERVAL_S", flag: purgeIntervalSeconds, default: 60, range: 1...86_400)),
+            purgeBatchSize: try Environment.int(
+                "LEDGER_PURGE_BATCH_SIZE", flag: purgeBatchSize, default: 1_000, range: 1...100_000))
     }
 }
 

@@ -55,14 +55,7 @@ extension LedgerCommand {
         @Option(name: .customLong("auth-cache-ttl-ms"), help: "How long a known token is cached in memory, in ms (env: LEDGER_AUTH_CACHE_TTL_MS; default: 30000).")
         var authCacheTTLMilliseconds: Int?
 
-        @Option(name: .customLong("retention-s"), help: "Stored responses are kept at least this long, in seconds (env: LEDGER_RETENTION_S; default: 86400).")
-        var retentionSeconds: Int?
-
-        @Option(name: .customLong("purge-interval-s"), help: "Seconds between background purges of expired stored responses (env: LEDGER_PURGE_INTERVAL_S; default: 60).")
-        var purgeIntervalSeconds: Int?
-
-        @Option(name: .customLong("purge-batch-size"), help: "Stored responses deleted per statement by the purge (env: LEDGER_PURGE_BATCH_SIZE; default: 1000).")
-        var purgeBatchSize: Int?
+        @OptionGroup var retention: RetentionFlags
 
         @Option(name: .customLong("shutdown-grace-s"), help: "On SIGTERM/SIGINT, seconds in-flight requests get to finish before they are cancelled (env: LEDGER_SHUTDOWN_GRACE_S; default: 25).")
         var shutdownGraceSeconds: Int?
@@ -97,15 +90,7 @@ extension LedgerCommand {
                     authCacheTTL: .milliseconds(
                         try Environment.int(
                             "LEDGER_AUTH_CACHE_TTL_MS", flag: authCacheTTLMilliseconds, default: 30_000, range: 0...3_600_000))),
-                retention: RetentionOptions(
-                    retention: .seconds(
-                        try Environment.int(
-                            "LEDGER_RETENTION_S", flag: retentionSeconds, default: 86_400, range: 1...(3_650 * 86_400))),
-                    purgeInterval: .seconds(
-                        try Environment.int(
-                            "LEDGER_PURGE_INTERVAL_S", flag: purgeIntervalSeconds, default: 60, range: 1...86_400)),
-                    purgeBatchSize: try Environment.int(
-                        "LEDGER_PURGE_BATCH_SIZE", flag: purgeBatchSize, default: 1_000, range: 1...100_000)),
+                retention: try retention.options(),
                 migrateAtStart: !(noMigrate || Environment.bool("LEDGER_NO_MIGRATE")),
                 migrationsDirectory: sqlDirectory ?? Environment.string("LEDGER_SQL_DIR")
             )
