@@ -52,7 +52,7 @@ public func buildApplication(
     configuration: ServeConfiguration, metricsRegistry: PrometheusCollectorRegistry? = nil, logger: Logger
 ) throws -> some ApplicationProtocol {
     let pool = PostgresPool(configuration: configuration.postgres, logger: logger)
-    let store = LedgerStore(pool: pool, options: configuration.store, logger: logger)
+    let store = LedgerStore(pool: pool, options: configuration.store, logger: logger).batching()
     let api = LedgerAPI(store: store, options: configuration.http, metricsRegistry: metricsRegistry, logger: logger)
     var app = Application(
         responder: api,

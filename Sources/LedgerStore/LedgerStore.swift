@@ -15,24 +15,46 @@ public struct LedgerStore: Sendable {
         public var keyWaitMilliseconds: Int
         /// Attempts after the first for a transaction rolled back by a serialization failure or deadlock. Default 3.
         public var conflictRetriesMax: Int
+        /// Concurrent requests of one client executed together in one transaction, at most (group commit, see
+        /// `TransferBatcher`). 1 runs every request in a transaction of its own. Default 16.
+        public var batchMax: Int
 
-        public init(keyWaitMilliseconds: Int = 5_000, conflictRetriesMax: Int = 3) {
+        public init(keyWaitMilliseconds: Int = 5_000, conflictRetriesMax: Int = 3, batchMax: Int = 16) {
             precondition(keyWaitMilliseconds >= 1, "keyWaitMilliseconds must be positive")
             precondition(conflictRetriesMax >= 0, "conflictRetriesMax must not be negative")
+            precondition((1...1_000).contains(batchMax), "batchMax must be within 1...1000")
             self.keyWaitMilliseconds = keyWaitMilliseconds
             self.conflictRetriesMax = conflictRetriesMax
+            self.batchMax = batchMax
         }
     }
 
     public let pool: PostgresPool
     public let options: Options
     let logger: Logger
+    private let batcher: TransferBatcher?
 
     public init(pool: PostgresPool, options: Options = Options(), logger: Logger) {
         self.pool = pool
         self.options = options
         self.logger = logger
+        self.batcher = nil
     }
+
+    private init(copying store: LedgerStore) {
+        self.pool = store.pool
+        self.options = store.options
+        self.logger = store.logger
+        self.batcher =
+            store.options.batchMax > 1
+            ? TransferBatcher(
+                store: store, batchMax: store.options.batchMax,
+                driversMax: min(store.pool.configuration.poolSizeMax, TransferBatcher.driversMaxDefault))
+            : nil
+    }
+
+    /// This store, batching concurrent requests when `options.batchMax` > 1.
+    public func batching() -> LedgerStore { LedgerStore(copying: self) }
 
     // MARK: Transfers
 
@@ -49,6 +71,12 @@ public struct LedgerStore: Sendable {
 
     /// Executes a credit, debit or transfer exactly once per (client, key).
     public func post(client: String, key: IdempotencyKey, request: TransferRequest) async throws -> PostOutcome {
+        if let batcher { return try await batcher.submit(client: client, key: key, request: request) }
+        return try await postAlone(client: client, key: key, request: request)
+    }
+
+    /// One request in a transaction of its own.
+    func postAlone(client: String, key: IdempotencyKey, request: TransferRequest) async throws -> PostOutcome {
         let binds: [PostgresBind] = [
             .string(client), .string(key.value), .string(request.fingerprintText),
             request.from.map { .string($0) } ?? .null, request.to.map { .string($0) } ?? .null,
@@ -60,15 +88,42 @@ public struct LedgerStore: Sendable {
                 "SELECT outcome, status_code, response_body FROM ledger.post_transfer($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 binds)
         }
-        let row = rows.rows[0]
+        return try Self.outcome(of: rows.rows[0])!
+    }
+
+    /// Several requests of one client in one transaction; nil for a request whose key was busy (not run).
+    func postTogether(client: String, items: [(IdempotencyKey, TransferRequest)]) async throws -> [PostOutcome?] {
+        var json = "["
+        for (index, (key, request)) in items.enumerated() {
+            if index > 0 { json += "," }
+            json += "{\"key\":\(JSONValue.quoted(key.value)),\"request\":\(JSONValue.quoted(request.fingerprintText))"
+            json += ",\"from\":\(request.from.map(JSONValue.quoted) ?? "null"),\"to\":\(request.to.map(JSONValue.quoted) ?? "null")"
+            json += ",\"amount\":\(request.amount),\"currency\":\(JSONValue.quoted(request.currency))"
+            json += ",\"metadata\":\(request.metadataJSON)}"
+        }
+        json += "]"
+        let rows = try await retryingConflicts {
+            try await pool.query(
+                "SELECT item, outcome, status_code, response_body FROM ledger.post_transfers($1, $2)",
+                [.string(client), .json(json)])
+        }
+        guard rows.rows.count == items.count else {
+            throw PostgresError(code: .decoding, message: "ledger.post_transfers answered \(rows.rows.count) of \(items.count)")
+        }
+        return try rows.rows.map(Self.outcome(of:))
+    }
+
+    /// The outcome a row of post_transfer or post_transfers names; nil for `busy`.
+    static func outcome(of row: PostgresRow) throws -> PostOutcome? {
         let status = try row.decode(Int.self, "status_code")
         switch try row.decode(String.self, "outcome") {
         case "executed": return .executed(status: status, body: try row.decode(String.self, "response_body"))
         case "replayed": return .replayed(status: status, body: try row.decode(String.self, "response_body"))
         case "reused": return .reused
         case "in_progress": return .inProgress
+        case "busy": return nil
         case let other:
-            throw PostgresError(code: .decoding, message: "unknown outcome \(other) from ledger.post_transfer")
+            throw PostgresError(code: .decoding, message: "unknown outcome \(other) from the database")
         }
     }
 

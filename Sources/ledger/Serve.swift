@@ -55,6 +55,9 @@ extension LedgerCommand {
         @Option(name: .customLong("auth-cache-ttl-ms"), help: "How long a known token is cached in memory, in ms (env: LEDGER_AUTH_CACHE_TTL_MS; default: 30000).")
         var authCacheTTLMilliseconds: Int?
 
+        @Option(name: .customLong("batch-max"), help: "Concurrent requests of one client committed together in one transaction, at most; 1 gives every request a transaction of its own (env: LEDGER_BATCH_MAX; default: 16).")
+        var batchMax: Int?
+
         @OptionGroup var retention: RetentionFlags
 
         @Option(name: .customLong("shutdown-grace-s"), help: "On SIGTERM/SIGINT, seconds in-flight requests get to finish before they are cancelled (env: LEDGER_SHUTDOWN_GRACE_S; default: 25).")
@@ -81,7 +84,8 @@ extension LedgerCommand {
                     keyWaitMilliseconds: try Environment.int(
                         "LEDGER_KEY_WAIT_MS", flag: keyWaitMilliseconds, default: 5_000, range: 1...600_000),
                     conflictRetriesMax: try Environment.int(
-                        "LEDGER_CONFLICT_RETRIES_MAX", flag: conflictRetriesMax, default: 3, range: 0...100)),
+                        "LEDGER_CONFLICT_RETRIES_MAX", flag: conflictRetriesMax, default: 3, range: 0...100),
+                    batchMax: try Environment.int("LEDGER_BATCH_MAX", flag: batchMax, default: 16, range: 1...1_000)),
                 http: HTTPOptions(
                     bodyBytesMax: try Environment.int(
                         "LEDGER_BODY_BYTES_MAX", flag: bodyBytesMax, default: 65_536, range: 1...(64 << 20)),

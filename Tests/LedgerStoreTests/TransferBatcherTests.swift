@@ -1,0 +1,111 @@
+import Foundation
+import LedgerCore
+import LedgerStore
+import LedgerTestSupport
+import PostgresClient
+import Testing
+
+/// Group commit: many concurrent requests through a batching store, against a real PostgreSQL.
+@Suite("Batched execution (group commit)")
+struct TransferBatcherTests {
+    func makeStore() async throws -> LedgerStore {
+        let pool = try await TestDatabase.pool(poolSizeMax: 4)
+        try await Migrator.load(directory: MigratorTests.repositorySQL, logger: TestDatabase.logger).migrate(pool: pool)
+        return LedgerStore(pool: pool, options: .init(batchMax: 16), logger: TestDatabase.logger).batching()
+    }
+
+    func request(_ kind: TransferRequest.Kind, _ body: String) throws -> TransferRequest {
+        try TransferRequest.decode(kind: kind, body: Array(body.utf8)).get()
+    }
+
+    @Test("200 concurrent requests: each key executes once, failures stay their own, the ledger balances")
+    func storm() async throws {
+        let store = try await makeStore()
+        defer { Task { await store.pool.close() } }
+        _ = try await store.createToken(client: "acme")
+        for name in ["a", "b", "c"] {
+            _ = try await store.putAccount(client: "acme", id: name, request: AccountRequest(currency: "USD", allowNegative: false))
+        }
+        _ = try await store.post(
+            client: "acme", key: IdempotencyKey(unchecked: "fund"),
+            request: try request(.credit, #"{"account":"a","amount":1000,"currency":"USD"}"#))
+        // 100 distinct transfers of 20 from a (only 50 can succeed), each key sent twice at once.
+        let outcomes = try await withThrowingTaskGroup(of: (String, LedgerStore.PostOutcome).self) { group in
+            for index in 0..<200 {
+                let key = "d-\(index % 100)"
+                // Both sends of one key are the same request: the destination follows the key.
+                let destination = (index % 100) % 2 == 0 ? "b" : "c"
+                group.addTask {
+                    let transfer = try request(.transfer, #"{"from":"a","to":"\#(destination)","amount":20,"currency":"USD"}"#)
+                    return (key, try await store.post(client: "acme", key: IdempotencyKey(unchecked: key), request: transfer))
+                }
+            }
+            var all: [(String, LedgerStore.PostOutcome)] = []
+            for try await outcome in group { all.append(outcome) }
+            return all
+        }
+        var byKey: [String: [LedgerStore.PostOutcome]] = [:]
+        for (key, outcome) in outcomes { byKey[key, default: []].append(outcome) }
+        var created = 0
+        for (key, pair) in byKey {
+            #expect(pair.count == 2)
+            let bodies = Set(pair.compactMap { outcome -> String? in
+                switch outcome {
+                case .executed(_, let body), .replayed(_, let body): return body
+                default: return nil
+                }
+            })
+            #expect(bodies.count == 1, "key \(key) answered differently: \(pair)")
+            let executed = pair.filter { if case .executed = $0 { return true } else { return false } }
+            #expect(executed.count == 1, "key \(key) executed \(executed.count) times")
+            if case .executed(201, _) = executed.first { created += 1 }
+        }
+        #expect(created == 50)
+        let balance = try await store.pool.query("SELECT balance FROM ledger.accounts WHERE id = 'a'").rows[0]
+            .decode(Int64.self, "balance")
+        #expect(balance == 0)
+        // Requests did share transactions: transfers of one transaction share its timestamp.
+        let shared = try await store.pool.query(
+            "SELECT count(*) - count(DISTINCT created_at) AS shared FROM ledger.transfers"
+        ).rows[0].decode(Int64.self, "shared")
+        #expect(shared > 0, "no two transfers were committed together")
+        #expect(try await store.verify().isEmpty)
+    }
+
+    @Test("a key held by another execution waits on its own, and the rest of the batch does not wait for it")
+    func busyKey() async throws {
+        let store = try await makeStore()
+        defer { Task { await store.pool.close() } }
+        _ = try await store.createToken(client: "acme")
+        _ = try await store.putAccount(client: "acme", id: "a", request: AccountRequest(currency: "USD", allowNegative: true))
+        let holder = PostgresPool(
+            configuration: PostgresConfiguration(conninfo: store.pool.configuration.conninfo, poolSizeMax: 1),
+            logger: TestDatabase.logger)
+        defer { Task { await holder.close() } }
+        let release = try await holder.withConnection { connection -> Task<Void, any Error> in
+            try await connection.query("SELECT pg_advisory_lock(hashtextextended('acme held', 0))")
+            return Task {
+                try await Task.sleep(for: .milliseconds(800))
+                try await connection.query("SELECT pg_advisory_unlock_all()")
+            }
+        }
+        let started = ContinuousClock.now
+        async let held = store.post(
+            client: "acme", key: IdempotencyKey(unchecked: "held"),
+            request: try request(.debit, #"{"account":"a","amount":1,"currency":"USD"}"#))
+        var others: [Duration] = []
+        for index in 0..<8 {
+            _ = try await store.post(
+                client: "acme", key: IdempotencyKey(unchecked: "free-\(index)"),
+                request: try request(.debit, #"{"account":"a","amount":1,"currency":"USD"}"#))
+            others.append(ContinuousClock.now - started)
+        }
+        #expect(others.allSatisfy { $0 < .milliseconds(700) }, "free keys waited for the held one: \(others)")
+        guard case .executed(201, _) = try await held else {
+            Issue.record("the held key did not execute after its lock was released")
+            return
+        }
+        try await release.value
+        #expect(try await store.verify().isEmpty)
+    }
+}
