@@ -1,6 +1,19 @@
 -- 0004_batching.sql: one function holds the rules of a transfer under its key's lock, so that a single request
 -- (ledger.post_transfer) and several requests committed together (ledger.post_transfers) follow the very same rules.
 
+CREATE FUNCTION ledger.stored_outcome(p_client text, p_key text, p_sha bytea)
+RETURNS TABLE (outcome text, status_code integer, response_body text)
+LANGUAGE sql STABLE AS $$
+    -- The stored answer of a completed key: 'replayed' with its status and body for the same request (p_sha, the
+    -- request fingerprint's SHA-256), 'reused' (422, nothing stored) for another. No row for a key not completed.
+    SELECT CASE WHEN k.request_sha256 = p_sha THEN 'replayed' ELSE 'reused' END,
+           CASE WHEN k.request_sha256 = p_sha THEN k.status_code ELSE 422 END,
+           CASE WHEN k.request_sha256 = p_sha THEN k.response_body END
+    FROM ledger.idempotency_keys k
+    WHERE k.client_id = p_client AND k.key = p_key
+$$;
+COMMENT ON FUNCTION ledger.stored_outcome(text, text, bytea) IS 'The replay (or 422 reused) of a completed idempotency key; no row when the key is not completed.';
+
 CREATE FUNCTION ledger.execute_transfer(
     p_client   text,
     p_key      text,
@@ -16,7 +29,6 @@ LANGUAGE plpgsql AS $$
 -- else check, lock, write and store. Shared by ledger.post_transfer (one request) and ledger.post_transfers (many in
 -- one transaction), so that both follow the very same rules.
 DECLARE
-    v_stored   ledger.idempotency_keys;
     v_transfer ledger.transfers;
     v_from     text := coalesce(p_from, '@world:' || p_currency);
     v_to       text := coalesce(p_to, '@world:' || p_currency);
@@ -28,13 +40,8 @@ DECLARE
 BEGIN
     -- Under the lock: an execution that held it before us has committed or rolled back, and this new statement sees
     -- its commit (or, in a batch, an earlier item of the same key).
-    SELECT * INTO v_stored FROM ledger.idempotency_keys k WHERE k.client_id = p_client AND k.key = p_key;
+    RETURN QUERY SELECT * FROM ledger.stored_outcome(p_client, p_key, v_sha);
     IF FOUND THEN
-        IF v_stored.request_sha256 <> v_sha THEN
-            RETURN QUERY SELECT 'reused', 422, NULL::text;
-        ELSE
-            RETURN QUERY SELECT 'replayed', v_stored.status_code, v_stored.response_body;
-        END IF;
         RETURN;
     END IF;
 
@@ -145,17 +152,11 @@ LANGUAGE plpgsql AS $$
 -- Executes a credit (p_from NULL), a debit (p_to NULL) or a transfer exactly once per (client, key), in the
 -- caller's transaction. Outcomes: 'replayed', 'executed', 'reused' (422, not stored), 'in_progress' (409).
 DECLARE
-    v_sha    bytea := sha256(convert_to(p_request, 'UTF8'));
-    v_stored ledger.idempotency_keys;
+    v_sha bytea := sha256(convert_to(p_request, 'UTF8'));
 BEGIN
     -- 1. A completed key is one indexed read: no lock, no write.
-    SELECT * INTO v_stored FROM ledger.idempotency_keys k WHERE k.client_id = p_client AND k.key = p_key;
+    RETURN QUERY SELECT * FROM ledger.stored_outcome(p_client, p_key, v_sha);
     IF FOUND THEN
-        IF v_stored.request_sha256 <> v_sha THEN
-            RETURN QUERY SELECT 'reused', 422, NULL::text;
-        ELSE
-            RETURN QUERY SELECT 'replayed', v_stored.status_code, v_stored.response_body;
-        END IF;
         RETURN;
     END IF;
 
