@@ -13,9 +13,10 @@ pg_bin_dir() {
 }
 
 # Installs what building and testing need, if missing (Debian): the PostgreSQL server and libpq-dev.
+# `ensure_debian_packages client` leaves out the server (tests against a PostgreSQL running elsewhere).
 ensure_debian_packages() {
   local missing=()
-  pg_bin_dir >/dev/null 2>&1 || missing+=(postgresql)
+  [ "${1:-}" = client ] || pg_bin_dir >/dev/null 2>&1 || missing+=(postgresql)
   pkg-config --exists libpq 2>/dev/null || missing+=(libpq-dev)
   command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
   command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
