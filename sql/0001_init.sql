@@ -198,27 +198,34 @@ END;
 $$;
 COMMENT ON FUNCTION ledger.store_outcome(text, text, bytea, integer, text, bigint) IS 'Stores an outcome for replay; a conflict aborts the transaction (it would mean two executions of one key).';
 
-CREATE FUNCTION ledger.post_transfer(
-    p_client        text,
-    p_key           text,
-    p_request       text,
-    p_from          text,
-    p_to            text,
-    p_amount        bigint,
-    p_currency      text,
-    p_metadata      jsonb,
-    p_key_wait_ms   integer
+CREATE FUNCTION ledger.stored_outcome(p_client text, p_key text, p_sha bytea)
+RETURNS TABLE (outcome text, status_code integer, response_body text)
+LANGUAGE sql STABLE AS $$
+    -- The stored answer of a completed key: 'replayed' with its status and body for the same request (p_sha, the
+    -- request fingerprint's SHA-256), 'reused' (422, nothing stored) for another. No row for a key not completed.
+    SELECT CASE WHEN k.request_sha256 = p_sha THEN 'replayed' ELSE 'reused' END,
+           CASE WHEN k.request_sha256 = p_sha THEN k.status_code ELSE 422 END,
+           CASE WHEN k.request_sha256 = p_sha THEN k.response_body END
+    FROM ledger.idempotency_keys k
+    WHERE k.client_id = p_client AND k.key = p_key
+$$;
+COMMENT ON FUNCTION ledger.stored_outcome(text, text, bytea) IS 'The replay (or 422 reused) of a completed idempotency key; no row when the key is not completed.';
+
+CREATE FUNCTION ledger.execute_transfer(
+    p_client   text,
+    p_key      text,
+    p_sha      bytea,
+    p_from     text,
+    p_to       text,
+    p_amount   bigint,
+    p_currency text,
+    p_metadata jsonb
 ) RETURNS TABLE (outcome text, status_code integer, response_body text)
 LANGUAGE plpgsql AS $$
--- Executes a credit (p_from NULL), a debit (p_to NULL) or a transfer exactly once per (client, key), in the
--- caller's transaction (one statement, so one transaction). Outcomes:
---   'replayed'    the key completed before with this request: its stored status and body.
---   'executed'    executed now, outcome stored: 201 and the transfer, or a stored 404/422 problem.
---   'reused'      the key completed before with another request: nothing done (422, not stored).
---   'in_progress' another execution of the key still holds it after p_key_wait_ms: nothing done (409).
+-- The part of a credit, debit or transfer that runs once the key's advisory lock is held: look up a stored outcome,
+-- else check, lock, write and store. Shared by ledger.post_transfer (one request) and ledger.post_transfers (many in
+-- one transaction), so that both follow the very same rules.
 DECLARE
-    v_sha      bytea := sha256(convert_to(p_request, 'UTF8'));
-    v_stored   ledger.idempotency_keys;
     v_transfer ledger.transfers;
     v_from     text := coalesce(p_from, '@world:' || p_currency);
     v_to       text := coalesce(p_to, '@world:' || p_currency);
@@ -226,41 +233,12 @@ DECLARE
     v_from_acc ledger.accounts;
     v_to_acc   ledger.accounts;
     v_body     text;
+    v_sha      bytea := p_sha;
 BEGIN
-    -- 1. A completed key is one indexed read: no lock, no write.
-    SELECT * INTO v_stored FROM ledger.idempotency_keys k WHERE k.client_id = p_client AND k.key = p_key;
+    -- Under the lock: an execution that held it before us has committed or rolled back, and this new statement sees
+    -- its commit (or, in a batch, an earlier item of the same key).
+    RETURN QUERY SELECT * FROM ledger.stored_outcome(p_client, p_key, v_sha);
     IF FOUND THEN
-        IF v_stored.request_sha256 <> v_sha THEN
-            RETURN QUERY SELECT 'reused', 422, NULL::text;
-        ELSE
-            RETURN QUERY SELECT 'replayed', v_stored.status_code, v_stored.response_body;
-        END IF;
-        RETURN;
-    END IF;
-
-    -- 2. Serialise executions of this key across every process sharing the database. The lock is
-    --    transaction-scoped, so it is released by COMMIT or ROLLBACK, also through a transaction-mode pooler.
-    --    The uncontended case takes it without waiting; otherwise wait at most p_key_wait_ms.
-    IF NOT pg_try_advisory_xact_lock(hashtextextended(p_client || ' ' || p_key, 0)) THEN
-        PERFORM set_config('lock_timeout', p_key_wait_ms::text || 'ms', true);
-        BEGIN
-            PERFORM pg_advisory_xact_lock(hashtextextended(p_client || ' ' || p_key, 0));
-        EXCEPTION WHEN lock_not_available THEN
-            RETURN QUERY SELECT 'in_progress', 409, NULL::text;
-            RETURN;
-        END;
-        PERFORM set_config('lock_timeout', '0', true);
-    END IF;
-
-    -- Look again under the lock: an execution that held it before us (maybe since step 1) has committed or rolled
-    -- back, and this new statement sees its commit.
-    SELECT * INTO v_stored FROM ledger.idempotency_keys k WHERE k.client_id = p_client AND k.key = p_key;
-    IF FOUND THEN
-        IF v_stored.request_sha256 <> v_sha THEN
-            RETURN QUERY SELECT 'reused', 422, NULL::text;
-        ELSE
-            RETURN QUERY SELECT 'replayed', v_stored.status_code, v_stored.response_body;
-        END IF;
         RETURN;
     END IF;
 
@@ -354,7 +332,49 @@ BEGIN
     RETURN QUERY SELECT 'executed', 201, v_body;
 END;
 $$;
-COMMENT ON FUNCTION ledger.post_transfer(text, text, text, text, text, bigint, text, jsonb, integer) IS 'Executes a credit, debit or transfer exactly once per (client, idempotency key) and stores its outcome; see the comment in sql/0001_init.sql.';
+COMMENT ON FUNCTION ledger.execute_transfer(text, text, bytea, text, text, bigint, text, jsonb) IS 'The rules of one credit, debit or transfer, run under its key''s advisory lock; called by post_transfer and post_transfers.';
+
+CREATE FUNCTION ledger.post_transfer(
+    p_client        text,
+    p_key           text,
+    p_request       text,
+    p_from          text,
+    p_to            text,
+    p_amount        bigint,
+    p_currency      text,
+    p_metadata      jsonb,
+    p_key_wait_ms   integer
+) RETURNS TABLE (outcome text, status_code integer, response_body text)
+LANGUAGE plpgsql AS $$
+-- Executes a credit (p_from NULL), a debit (p_to NULL) or a transfer exactly once per (client, key), in the
+-- caller's transaction. Outcomes: 'replayed', 'executed', 'reused' (422, not stored), 'in_progress' (409).
+DECLARE
+    v_sha bytea := sha256(convert_to(p_request, 'UTF8'));
+BEGIN
+    -- 1. A completed key is one indexed read: no lock, no write.
+    RETURN QUERY SELECT * FROM ledger.stored_outcome(p_client, p_key, v_sha);
+    IF FOUND THEN
+        RETURN;
+    END IF;
+
+    -- 2. Serialise executions of this key across every process sharing the database; wait at most p_key_wait_ms.
+    IF NOT pg_try_advisory_xact_lock(hashtextextended(p_client || ' ' || p_key, 0)) THEN
+        PERFORM set_config('lock_timeout', p_key_wait_ms::text || 'ms', true);
+        BEGIN
+            PERFORM pg_advisory_xact_lock(hashtextextended(p_client || ' ' || p_key, 0));
+        EXCEPTION WHEN lock_not_available THEN
+            RETURN QUERY SELECT 'in_progress', 409, NULL::text;
+            RETURN;
+        END;
+        PERFORM set_config('lock_timeout', '0', true);
+    END IF;
+
+    -- 3. The rules, under the lock.
+    RETURN QUERY SELECT * FROM ledger.execute_transfer(
+        p_client, p_key, v_sha, p_from, p_to, p_amount, p_currency, p_metadata);
+END;
+$$;
+COMMENT ON FUNCTION ledger.post_transfer(text, text, text, text, text, bigint, text, jsonb, integer) IS 'Executes a credit, debit or transfer exactly once per (client, idempotency key) and stores its outcome.';
 
 CREATE FUNCTION ledger.put_account(p_client text, p_id text, p_currency text, p_allow_negative boolean)
 RETURNS TABLE (status_code integer, response_body text)
