@@ -87,6 +87,9 @@ extension Problem {
     public static func invalidMetadata(_ detail: String) -> Problem {
         Problem(status: 400, code: "invalid-metadata", title: "Invalid metadata", detail: detail)
     }
+    public static func invalidBatch(_ detail: String) -> Problem {
+        Problem(status: 400, code: "invalid-batch", title: "Invalid batch", detail: detail)
+    }
     public static func invalidLimit(_ detail: String) -> Problem {
         Problem(status: 400, code: "invalid-limit", title: "Invalid limit", detail: detail)
     }

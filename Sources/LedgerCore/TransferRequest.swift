@@ -37,18 +37,23 @@ public struct TransferRequest: Sendable, Equatable {
     /// Decodes and validates a body. Checks go field by field in a fixed order, so one body always gets one code:
     /// JSON shape and unknown fields, account ids, amount, currency, same-account, metadata.
     public static func decode(kind: Kind, body: [UInt8]) -> Result<TransferRequest, Problem> {
-        let value: JSONValue
+        parseJSON(body).flatMap { decode(kind: kind, value: $0, fingerprinted: true) }
+    }
+
+    /// The body as JSON, or invalid-json.
+    static func parseJSON(_ body: [UInt8]) -> Result<JSONValue, Problem> {
         do {
-            value = try JSONParser.parse(body)
+            return .success(try JSONParser.parse(body))
         } catch {
             return .failure(.invalidJSON("The body is not valid JSON: \(error.reason) at byte \(error.offset)."))
         }
-        guard case .object(let members) = value else {
-            return .failure(.invalidJSON("The body must be a JSON object."))
-        }
-        let allowed = Set(kind.accountFields + ["amount", "currency", "metadata"])
-        if let unknown = members.first(where: { !allowed.contains($0.key) }) {
-            return .failure(.invalidJSON("Unknown field \(JSONValue.quoted(unknown.key))."))
+    }
+
+    /// Validates one request's JSON; `fingerprinted: false` (an item of a batch, whose fingerprint is the batch's)
+    /// leaves `fingerprintText` empty.
+    static func decode(kind: Kind, value: JSONValue, fingerprinted: Bool) -> Result<TransferRequest, Problem> {
+        if let problem = objectProblem(value, allowed: Set(kind.accountFields + ["amount", "currency", "metadata"])) {
+            return .failure(problem)
         }
 
         var ids: [String] = []
@@ -85,7 +90,16 @@ public struct TransferRequest: Sendable, Equatable {
         return .success(
             TransferRequest(
                 kind: kind, from: from, to: to, amount: amount, currency: currency, metadataJSON: metadataJSON,
-                fingerprintText: "POST \(kind.path)\n\(value.canonicalText)"))
+                fingerprintText: fingerprinted ? "POST \(kind.path)\n\(value.canonicalText)" : ""))
+    }
+
+    /// invalid-json unless `value` is an object with no member outside `allowed`.
+    static func objectProblem(_ value: JSONValue, allowed: Set<String>) -> Problem? {
+        guard case .object(let members) = value else { return .invalidJSON("The body must be a JSON object.") }
+        if let unknown = members.first(where: { !allowed.contains($0.key) }) {
+            return .invalidJSON("Unknown field \(JSONValue.quoted(unknown.key)).")
+        }
+        return nil
     }
 
     static func decodeMetadata(_ value: JSONValue?) -> Result<String, Problem> {
@@ -118,16 +132,12 @@ public struct AccountRequest: Sendable, Equatable {
 
     public static func decode(body: [UInt8]) -> Result<AccountRequest, Problem> {
         let value: JSONValue
-        do {
-            value = try JSONParser.parse(body)
-        } catch {
-            return .failure(.invalidJSON("The body is not valid JSON: \(error.reason) at byte \(error.offset)."))
+        switch TransferRequest.parseJSON(body) {
+        case .success(let parsed): value = parsed
+        case .failure(let problem): return .failure(problem)
         }
-        guard case .object(let members) = value else {
-            return .failure(.invalidJSON("The body must be a JSON object."))
-        }
-        if let unknown = members.first(where: { $0.key != "currency" && $0.key != "allow_negative" }) {
-            return .failure(.invalidJSON("Unknown field \(JSONValue.quoted(unknown.key))."))
+        if let problem = TransferRequest.objectProblem(value, allowed: ["currency", "allow_negative"]) {
+            return .failure(problem)
         }
         guard case .string(let currency)? = value["currency"], LedgerRules.isValidCurrency(currency) else {
             return .failure(.invalidCurrency("currency must be three upper-case letters, e.g. USD."))

@@ -40,6 +40,7 @@ public struct LedgerAPI: HTTPResponder {
         case account(String)
         case entries(String)
         case post(TransferRequest.Kind)
+        case batch
         case transfer(String)
 
         /// The route template, for logs and metric labels (never the ids in the path).
@@ -51,6 +52,7 @@ public struct LedgerAPI: HTTPResponder {
             case .account: return "/v1/accounts/{id}"
             case .entries: return "/v1/accounts/{id}/entries"
             case .post(let kind): return kind.path
+            case .batch: return "/v1/transfers/batch"
             case .transfer: return "/v1/transfers/{id}"
             }
         }
@@ -59,7 +61,7 @@ public struct LedgerAPI: HTTPResponder {
             switch self {
             case .health, .metrics, .openAPI, .entries, .transfer: return [.get]
             case .account: return [.get, .put]
-            case .post: return [.post]
+            case .post, .batch: return [.post]
             }
         }
 
@@ -78,6 +80,8 @@ public struct LedgerAPI: HTTPResponder {
                 default: return nil
                 }
             case 3 where segments[0] == "v1" && segments[1] == "accounts": return .account(segments[2])
+            // Transfer ids are decimal: "batch" can never be one.
+            case 3 where segments[0] == "v1" && segments[1] == "transfers" && segments[2] == "batch": return .batch
             case 3 where segments[0] == "v1" && segments[1] == "transfers": return .transfer(segments[2])
             case 4 where segments[0] == "v1" && segments[1] == "accounts" && segments[3] == "entries":
                 return .entries(segments[2])
@@ -137,7 +141,8 @@ public struct LedgerAPI: HTTPResponder {
             client = known
             trace.client = known
         }
-        let body = try await collectBody(request)
+        let body = try await collectBody(
+            request, limitBytes: route == .batch ? options.batchBodyBytesMax : options.bodyBytesMax)
         guard let route else { throw Problem.notFound() }
         guard route.methods.contains(request.method) else {
             throw Problem.methodNotAllowed(allow: route.methods.map(\.rawValue))
@@ -150,7 +155,13 @@ public struct LedgerAPI: HTTPResponder {
         case .openAPI:
             return try openAPI()
         case .post(let kind):
-            return try await post(kind: kind, client: client, request: request, body: body, trace: trace)
+            let key = try idempotencyKey(request)
+            let transfer = try TransferRequest.decode(kind: kind, body: body).get()
+            return try answer(try await store.post(client: client, key: key, request: transfer), trace: trace)
+        case .batch:
+            let key = try idempotencyKey(request)
+            let batch = try BatchRequest.decode(body: body).get()
+            return try answer(try await store.postBatch(client: client, key: key, batch: batch), trace: trace)
         case .account(let rawID):
             let id = try accountID(fromPathSegment: rawID)
             if request.method == .put {
@@ -209,13 +220,16 @@ public struct LedgerAPI: HTTPResponder {
         return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(string: document)))
     }
 
-    private func post(
-        kind: TransferRequest.Kind, client: String, request: Request, body: [UInt8], trace: RequestTrace
-    ) async throws -> Response {
+    /// The Idempotency-Key of a POST, then its media type: the contract checks the key before the body.
+    private func idempotencyKey(_ request: Request) throws -> IdempotencyKey {
         let key = try IdempotencyKey.parse(headerValues: request.headers[values: .idempotencyKey]).get()
         try checkContentType(request)
-        let transfer = try TransferRequest.decode(kind: kind, body: body).get()
-        switch try await store.post(client: client, key: key, request: transfer) {
+        return key
+    }
+
+    /// The answer to an idempotent POST: its stored outcome, or 422 reused, or 409 in progress.
+    private func answer(_ outcome: LedgerStore.PostOutcome, trace: RequestTrace) throws -> Response {
+        switch outcome {
         case .executed(let status, let json):
             return answer(status: status, body: json, replayed: false, trace: trace)
         case .replayed(let status, let json):
@@ -254,9 +268,8 @@ public struct LedgerAPI: HTTPResponder {
 
     // MARK: Request parts
 
-    /// The body, at most `bodyBytesMax` bytes; a declared or actual larger body is 413.
-    private func collectBody(_ request: Request) async throws -> [UInt8] {
-        let limit = options.bodyBytesMax
+    /// The body, at most `limit` bytes; a declared or actual larger body is 413.
+    private func collectBody(_ request: Request, limitBytes limit: Int) async throws -> [UInt8] {
         if let declared = request.headers[.contentLength].flatMap({ Int($0) }), declared > limit {
             throw Problem.bodyTooLarge(limitBytes: limit)
         }

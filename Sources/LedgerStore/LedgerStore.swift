@@ -96,10 +96,9 @@ public struct LedgerStore: Sendable {
         var json = "["
         for (index, (key, request)) in items.enumerated() {
             if index > 0 { json += "," }
-            json += "{\"key\":\(JSONValue.quoted(key.value)),\"request\":\(JSONValue.quoted(request.fingerprintText))"
-            json += ",\"from\":\(request.from.map(JSONValue.quoted) ?? "null"),\"to\":\(request.to.map(JSONValue.quoted) ?? "null")"
-            json += ",\"amount\":\(request.amount),\"currency\":\(JSONValue.quoted(request.currency))"
-            json += ",\"metadata\":\(request.metadataJSON)}"
+            json += "{\"key\":\(JSONValue.quoted(key.value)),\"request\":\(JSONValue.quoted(request.fingerprintText)),"
+            Self.appendMovement(of: request, to: &json)
+            json += "}"
         }
         json += "]"
         let rows = try await retryingConflicts {
@@ -111,6 +110,35 @@ public struct LedgerStore: Sendable {
             throw PostgresError(code: .decoding, message: "ledger.post_transfers answered \(rows.rows.count) of \(items.count)")
         }
         return try rows.rows.map(Self.outcome(of:))
+    }
+
+    /// Up to 1,000 transfers under one key, all or nothing or each on its own (`ledger.post_batch`): one round trip,
+    /// one transaction, set-based statements.
+    public func postBatch(client: String, key: IdempotencyKey, batch: BatchRequest) async throws -> PostOutcome {
+        var items = "["
+        items.reserveCapacity(batch.transfers.count * 96)
+        for (index, request) in batch.transfers.enumerated() {
+            items += index > 0 ? ",{" : "{"
+            Self.appendMovement(of: request, to: &items)
+            items += "}"
+        }
+        items += "]"
+        let binds: [PostgresBind] = [
+            .string(client), .string(key.value), .string(batch.fingerprintText), .bool(batch.atomic), .json(items),
+            .int32(Int32(clamping: options.keyWaitMilliseconds)),
+        ]
+        let rows = try await retryingConflicts {
+            try await pool.query(
+                "SELECT outcome, status_code, response_body FROM ledger.post_batch($1, $2, $3, $4, $5, $6)", binds)
+        }
+        return try Self.outcome(of: rows.rows[0])!
+    }
+
+    /// `"from":...,"to":...,"amount":...,"currency":...,"metadata":...`: what the SQL functions read of a request.
+    static func appendMovement(of request: TransferRequest, to json: inout String) {
+        json += "\"from\":\(request.from.map(JSONValue.quoted) ?? "null"),\"to\":\(request.to.map(JSONValue.quoted) ?? "null")"
+        json += ",\"amount\":\(request.amount),\"currency\":\(JSONValue.quoted(request.currency))"
+        json += ",\"metadata\":\(request.metadataJSON)"
     }
 
     /// The outcome a row of post_transfer or post_transfers names; nil for `busy`.

@@ -49,6 +49,9 @@ extension LedgerCommand {
         @Option(name: .customLong("body-bytes-max"), help: "Largest request body in bytes; larger is 413 (env: LEDGER_BODY_BYTES_MAX; default: 65536).")
         var bodyBytesMax: Int?
 
+        @Option(name: .customLong("batch-body-bytes-max"), help: "Largest body of POST /v1/transfers/batch in bytes; larger is 413 (env: LEDGER_BATCH_BODY_BYTES_MAX; default: 1048576).")
+        var batchBodyBytesMax: Int?
+
         @Option(name: .customLong("retry-after-s"), help: "Retry-After seconds on 503 and 409 in-progress (env: LEDGER_RETRY_AFTER_S; default: 1).")
         var retryAfterSeconds: Int?
 
@@ -89,6 +92,8 @@ extension LedgerCommand {
                 http: HTTPOptions(
                     bodyBytesMax: try Environment.int(
                         "LEDGER_BODY_BYTES_MAX", flag: bodyBytesMax, default: 65_536, range: 1...(64 << 20)),
+                    batchBodyBytesMax: try Environment.int(
+                        "LEDGER_BATCH_BODY_BYTES_MAX", flag: batchBodyBytesMax, default: 1_048_576, range: 1...(64 << 20)),
                     retryAfterSeconds: try Environment.int(
                         "LEDGER_RETRY_AFTER_S", flag: retryAfterSeconds, default: 1, range: 0...3_600),
                     authCacheTTL: .milliseconds(

@@ -8,6 +8,8 @@ request the rules below do not explain, remains a failure.
 
 The rules the schema cannot carry:
 - `same-account`: `from` must differ from `to`; JSON Schema cannot compare two properties.
+- For POST /v1/transfers/batch, each of these rules applied to the first invalid item, which the problem's detail
+  names (`transfers[i]: ...`).
 - `invalid-amount` for a whole float (`215.0`): in JSON Schema's data model 215.0 *is* an integer, but the contract
   refuses any amount lexeme with a fraction or an exponent, so that no float ever stands for money.
 - `invalid-metadata`: metadata over 4096 bytes as compact JSON, or holding U+0000 (which PostgreSQL jsonb cannot
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import schemathesis
 
@@ -29,12 +32,16 @@ BUSINESS_422 = {"insufficient-funds", "currency-mismatch", "balance-overflow", "
 METADATA_BYTES_MAX = 4096
 
 
-def _problem_code(response) -> str | None:
+def _problem_member(response, name: str) -> str | None:
     try:
         body = json.loads(response.content)
     except (ValueError, TypeError):
         return None
-    return body.get("code") if isinstance(body, dict) else None
+    return body.get(name) if isinstance(body, dict) else None
+
+
+def _problem_code(response) -> str | None:
+    return _problem_member(response, "code")
 
 
 def _contains_nul(value) -> bool:
@@ -64,6 +71,15 @@ def _explained(case, response) -> bool:
     body = case.body if isinstance(case.body, dict) else {}
     if method == "POST" and response.status_code == 422 and code in BUSINESS_422:
         return True
+    if method == "POST" and path == "/v1/transfers/batch" and response.status_code == 400:
+        # A batch is refused for its first invalid item, named in the detail: judge that item as a transfer.
+        match = re.match(r"transfers\[(\d+)\]: ", _problem_member(response, "detail") or "")
+        items = body.get("transfers")
+        if not match or not isinstance(items, list) or int(match.group(1)) >= len(items):
+            return False
+        body, path = items[int(match.group(1))], "/v1/transfers"
+        if not isinstance(body, dict):
+            return False
     if method == "POST" and response.status_code == 400:
         if code == "same-account" and path == "/v1/transfers":
             return isinstance(body.get("from"), str) and body.get("from") == body.get("to")

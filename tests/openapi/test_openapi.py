@@ -40,6 +40,7 @@ ROUTES = {
     ("POST", "/v1/credits"),
     ("POST", "/v1/debits"),
     ("POST", "/v1/transfers"),
+    ("POST", "/v1/transfers/batch"),
     ("GET", "/v1/transfers/{id}"),
 }
 
@@ -305,6 +306,7 @@ POST_BODIES = {
     "/v1/credits": {"account": "bob", "amount": 5, "currency": "USD"},
     "/v1/debits": {"account": "alice", "amount": 5, "currency": "USD"},
     "/v1/transfers": {"from": "alice", "to": "bob", "amount": 5, "currency": "USD"},
+    "/v1/transfers/batch": {"transfers": [{"from": "alice", "to": "bob", "amount": 5, "currency": "USD"}]},
 }
 
 
@@ -390,9 +392,11 @@ def test_unauthorized_on_every_v1_operation(server, accounts):
 
 def test_body_too_large_on_every_v1_operation(api, accounts):
     big = b"{" + b" " * (64 * 1024) + b"}"
+    big_batch = b"{" + b" " * (1024 * 1024) + b"}"  # a batch may be up to 1 MiB
     for method, path in sorted(ROUTES):
         if path.startswith("/v1/"):
-            response = api.request(method, concrete(path, accounts), data=big, key=uid())
+            data = big_batch if path == "/v1/transfers/batch" else big
+            response = api.request(method, concrete(path, accounts), data=data, key=uid())
             assert problem_code(response) == "body-too-large", (method, path, response.text)
             check(method, path, response)
     # Exactly the limit is read (and then judged as JSON).
