@@ -158,7 +158,8 @@ BEGIN
         FOR UPDATE
     ) a;
 
-    -- 5. What fails whatever the balances: an unknown account, another currency (checked first, as for one transfer).
+    -- 5. What fails whatever the balances: an unknown account, another currency (checked first, as for one transfer;
+    -- when both accounts hold another currency, the batch names `from`).
     SELECT array_agg(f.at ORDER BY i.n), array_agg(t.at ORDER BY i.n),
            array_agg(CASE
                WHEN f.currency <> i.currency THEN ledger.batch_item_problem('currency-mismatch', i.from_account, f.currency, i.currency)

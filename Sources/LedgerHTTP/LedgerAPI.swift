@@ -142,7 +142,8 @@ public struct LedgerAPI: HTTPResponder {
             trace.client = known
         }
         let body = try await collectBody(
-            request, limitBytes: route == .batch ? options.batchBodyBytesMax : options.bodyBytesMax)
+            request,
+            limitBytes: route == .batch && request.method == .post ? options.batchBodyBytesMax : options.bodyBytesMax)
         guard let route else { throw Problem.notFound() }
         guard route.methods.contains(request.method) else {
             throw Problem.methodNotAllowed(allow: route.methods.map(\.rawValue))
