@@ -18,11 +18,19 @@ public struct LedgerStore: Sendable {
         /// Concurrent requests of one client executed together in one transaction, at most (group commit, see
         /// `TransferBatcher`). 1 runs every request in a transaction of its own. Default 16.
         public var batchMax: Int
+        /// Memory for answers of completed requests kept to answer replays without a round trip (`ReplayCache`), in
+        /// bytes. 0 turns it off. Default 8 MiB.
+        public var replayCacheBytesMax: Int
 
-        public init(keyWaitMilliseconds: Int = 5_000, conflictRetriesMax: Int = 3, batchMax: Int = 16) {
+        public init(
+            keyWaitMilliseconds: Int = 5_000, conflictRetriesMax: Int = 3, batchMax: Int = 16,
+            replayCacheBytesMax: Int = 8 << 20
+        ) {
             precondition(keyWaitMilliseconds >= 1, "keyWaitMilliseconds must be positive")
             precondition(conflictRetriesMax >= 0, "conflictRetriesMax must not be negative")
             precondition((1...1_000).contains(batchMax), "batchMax must be within 1...1000")
+            precondition(replayCacheBytesMax >= 0, "replayCacheBytesMax must not be negative")
+            self.replayCacheBytesMax = replayCacheBytesMax
             self.keyWaitMilliseconds = keyWaitMilliseconds
             self.conflictRetriesMax = conflictRetriesMax
             self.batchMax = batchMax
@@ -33,18 +41,21 @@ public struct LedgerStore: Sendable {
     public let options: Options
     let logger: Logger
     private let batcher: TransferBatcher?
+    private let replayCache: ReplayCache?
 
     public init(pool: PostgresPool, options: Options = Options(), logger: Logger) {
         self.pool = pool
         self.options = options
         self.logger = logger
         self.batcher = nil
+        self.replayCache = options.replayCacheBytesMax > 0 ? ReplayCache(bytesMax: options.replayCacheBytesMax) : nil
     }
 
     private init(copying store: LedgerStore) {
         self.pool = store.pool
         self.options = store.options
         self.logger = store.logger
+        self.replayCache = store.replayCache
         self.batcher =
             store.options.batchMax > 1
             ? TransferBatcher(
@@ -71,8 +82,15 @@ public struct LedgerStore: Sendable {
 
     /// Executes a credit, debit or transfer exactly once per (client, key).
     public func post(client: String, key: IdempotencyKey, request: TransferRequest) async throws -> PostOutcome {
-        if let batcher { return try await batcher.submit(client: client, key: key, request: request) }
-        return try await postAlone(client: client, key: key, request: request)
+        if let known = replayCache?.outcome(client: client, key: key.value, fingerprint: request.fingerprintText) {
+            return known
+        }
+        let outcome =
+            if let batcher { try await batcher.submit(client: client, key: key, request: request) } else {
+                try await postAlone(client: client, key: key, request: request)
+            }
+        replayCache?.remember(client: client, key: key.value, fingerprint: request.fingerprintText, outcome: outcome)
+        return outcome
     }
 
     /// One request in a transaction of its own.

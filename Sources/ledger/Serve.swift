@@ -61,6 +61,9 @@ extension LedgerCommand {
         @Option(name: .customLong("batch-max"), help: "Concurrent requests of one client committed together in one transaction, at most; 1 gives every request a transaction of its own (env: LEDGER_BATCH_MAX; default: 16).")
         var batchMax: Int?
 
+        @Option(name: .customLong("replay-cache-bytes-max"), help: "Memory for answers of completed transfers, kept to answer replays without a database round trip, in bytes; 0 turns it off (env: LEDGER_REPLAY_CACHE_BYTES_MAX; default: 8388608).")
+        var replayCacheBytesMax: Int?
+
         @OptionGroup var retention: RetentionFlags
 
         @Option(name: .customLong("shutdown-grace-s"), help: "On SIGTERM/SIGINT, seconds in-flight requests get to finish before they are cancelled (env: LEDGER_SHUTDOWN_GRACE_S; default: 25).")
@@ -88,7 +91,9 @@ extension LedgerCommand {
                         "LEDGER_KEY_WAIT_MS", flag: keyWaitMilliseconds, default: 5_000, range: 1...600_000),
                     conflictRetriesMax: try Environment.int(
                         "LEDGER_CONFLICT_RETRIES_MAX", flag: conflictRetriesMax, default: 3, range: 0...100),
-                    batchMax: try Environment.int("LEDGER_BATCH_MAX", flag: batchMax, default: 16, range: 1...1_000)),
+                    batchMax: try Environment.int("LEDGER_BATCH_MAX", flag: batchMax, default: 16, range: 1...1_000),
+                    replayCacheBytesMax: try Environment.int(
+                        "LEDGER_REPLAY_CACHE_BYTES_MAX", flag: replayCacheBytesMax, default: 8 << 20, range: 0...(1 << 30))),
                 http: HTTPOptions(
                     bodyBytesMax: try Environment.int(
                         "LEDGER_BODY_BYTES_MAX", flag: bodyBytesMax, default: 65_536, range: 1...(64 << 20)),

@@ -1,0 +1,66 @@
+import Synchronization
+
+/// Answers of completed credits, debits and transfers kept in memory, so that a replay (or a reused key) is answered
+/// without a round trip to PostgreSQL.
+///
+/// Only 201s of single requests are kept, because they are final: the transfer they name is never deleted nor
+/// changed, and even after its stored response is purged, the database answers the same bytes for the same request
+/// and 422 reused for another (`ledger.execute_transfer`). Stored failures are not kept (after a purge their key
+/// executes afresh), nor batches (a purged non-atomic batch re-runs its failed items). So whatever this cache says,
+/// the database would say too, on any replica: it is a memo of answers, not a second copy of the ledger's rules.
+///
+/// Bounded by the bytes of the strings it holds; when full it starts over rather than track recency (a miss costs
+/// one indexed read).
+final class ReplayCache: Sendable {
+    private struct Key: Hashable {
+        let client: String
+        let key: String
+    }
+
+    private struct Entry {
+        let fingerprint: String
+        let body: String
+    }
+
+    private struct State {
+        var entries: [Key: Entry] = [:]
+        var bytes = 0
+    }
+
+    private let state = Mutex(State())
+    let bytesMax: Int
+
+    init(bytesMax: Int) {
+        precondition(bytesMax >= 1, "a replay cache needs room")
+        self.bytesMax = bytesMax
+    }
+
+    /// The answer to (client, key, fingerprint) if the key completed with a 201 known here: its replay, or reused.
+    func outcome(client: String, key: String, fingerprint: String) -> LedgerStore.PostOutcome? {
+        guard let entry = state.withLock({ $0.entries[Key(client: client, key: key)] }) else { return nil }
+        return entry.fingerprint == fingerprint ? .replayed(status: 201, body: entry.body) : .reused
+    }
+
+    /// Keeps a 201, executed or replayed; ignores every other outcome.
+    func remember(client: String, key: String, fingerprint: String, outcome: LedgerStore.PostOutcome) {
+        let body: String
+        switch outcome {
+        case .executed(201, let text), .replayed(201, let text): body = text
+        default: return
+        }
+        let cost = client.utf8.count + key.utf8.count + fingerprint.utf8.count + body.utf8.count + 64
+        guard cost <= bytesMax else { return }
+        state.withLock { state in
+            if state.bytes + cost > bytesMax {
+                state.entries.removeAll(keepingCapacity: true)
+                state.bytes = 0
+            }
+            let previous = state.entries.updateValue(
+                Entry(fingerprint: fingerprint, body: body), forKey: Key(client: client, key: key))
+            if previous == nil { state.bytes += cost }
+        }
+    }
+
+    /// Entries held now (for tests and metrics).
+    var count: Int { state.withLock { $0.entries.count } }
+}
