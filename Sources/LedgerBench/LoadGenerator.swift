@@ -10,10 +10,11 @@ import NIOPosix
 /// - `transfers`: unique keys, random pairs out of `accounts` funded accounts;
 /// - `hot`: every transfer moves money between the same 2 accounts, either way;
 /// - `replays`: the keys of transfers made beforehand, sent again with the same bodies (each answer must be a replay);
-/// - `mixed`: `transfers` with 10 % of requests replaying a key the same connection used before.
+/// - `mixed`: `transfers` with 10 % of requests replaying a key the same connection used before;
+/// - `batch`: POST /v1/transfers/batch with `batchSize` transfers between random pairs each, atomic.
 public struct LoadGenerator: Sendable {
     public enum Workload: String, Sendable, CaseIterable {
-        case transfers, hot, replays, mixed
+        case transfers, hot, replays, mixed, batch
     }
 
     public struct Options: Sendable {
@@ -27,14 +28,19 @@ public struct LoadGenerator: Sendable {
         public var duration: Duration
         /// Accounts `bench-0` ... for `transfers` and `mixed`. Default 10,000.
         public var accounts: Int
+        /// Transfers per request of the `batch` workload, 1 to 1,000. Default 1,000.
+        public var batchSize: Int
         /// A prefix for keys, unique per run so that runs never replay each other.
         public var runID: String
 
         public init(
             host: String, port: Int, token: String, workload: Workload, connections: Int = 16,
-            duration: Duration = .seconds(10), accounts: Int = 10_000, runID: String = UUID().uuidString
+            duration: Duration = .seconds(10), accounts: Int = 10_000, batchSize: Int = 1_000,
+            runID: String = UUID().uuidString
         ) {
             precondition(connections >= 1 && accounts >= 2, "need a connection and two accounts")
+            precondition((1...1_000).contains(batchSize), "a batch holds 1 to 1000 transfers")
+            self.batchSize = batchSize
             self.host = host
             self.port = port
             self.token = token
@@ -51,6 +57,8 @@ public struct LoadGenerator: Sendable {
         public var connections: Int
         public var seconds: Double
         public var requests: Int
+        /// Transfers the requests asked for: `requests` times the batch size for `batch`, else `requests`.
+        public var transfers: Int
         public var errors: [Int: Int]
         public var replays: Int
         public var p50Milliseconds: Double
@@ -58,12 +66,13 @@ public struct LoadGenerator: Sendable {
         public var p999Milliseconds: Double
         public var maxMilliseconds: Double
 
-        public var perSecond: Double { Double(requests) / seconds }
+        /// Transfers per second.
+        public var perSecond: Double { Double(transfers) / seconds }
         public var errorCount: Int { errors.values.reduce(0, +) }
 
         public var line: String {
             let errorText = errors.isEmpty ? "0" : errors.sorted { $0.key < $1.key }.map { "\($0.value)x\($0.key)" }.joined(separator: ",")
-            return "workload=\(workload.rawValue) connections=\(connections) seconds=\(fmt(seconds)) requests=\(requests) "
+            return "workload=\(workload.rawValue) connections=\(connections) seconds=\(fmt(seconds)) requests=\(requests) transfers=\(transfers) "
                 + "rate=\(fmt(perSecond))/s p50=\(fmt(p50Milliseconds))ms p99=\(fmt(p99Milliseconds))ms "
                 + "p99.9=\(fmt(p999Milliseconds))ms max=\(fmt(maxMilliseconds))ms replays=\(replays) errors=\(errorText)"
         }
@@ -149,7 +158,8 @@ public struct LoadGenerator: Sendable {
         return Report(
             workload: options.workload, connections: options.connections,
             seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18,
-            requests: requests, errors: errors, replays: replays,
+            requests: requests, transfers: options.workload == .batch ? requests * options.batchSize : requests,
+            errors: errors, replays: replays,
             p50Milliseconds: ms(histogram.valueAtPercentile(50)), p99Milliseconds: ms(histogram.valueAtPercentile(99)),
             p999Milliseconds: ms(histogram.valueAtPercentile(99.9)), maxMilliseconds: ms(histogram.max))
     }
@@ -171,6 +181,9 @@ public struct LoadGenerator: Sendable {
         var lane = Lane()
         var sent: [BenchConnection.Request] = []
         var sequence = 0
+        // Batch bodies are made once per connection and sent under new keys: building 1,000 random transfers per
+        // request would take CPU from the service and the database it measures.
+        let batchBodies = options.workload == .batch ? (0..<8).map { _ in batchBody(using: &generator) } : []
         while ContinuousClock.now < deadline {
             let request: BenchConnection.Request
             let expectReplay: Bool
@@ -178,6 +191,12 @@ public struct LoadGenerator: Sendable {
             case .replays:
                 request = replayPool[sequence % replayPool.count]
                 expectReplay = true
+            case .batch:
+                request = BenchConnection.request(
+                    method: .POST, path: "/v1/transfers/batch", host: host,
+                    headers: headers(key: "bench-\(options.runID)-\(index)-\(sequence)"),
+                    body: batchBodies[sequence % batchBodies.count])
+                expectReplay = false
             case .mixed where !sent.isEmpty && Int.random(in: 0..<10, using: &generator) == 0:
                 request = sent[Int.random(in: 0..<sent.count, using: &generator)]
                 expectReplay = true
@@ -203,6 +222,14 @@ public struct LoadGenerator: Sendable {
     private func newTransfer(
         lane: Int, sequence: Int, host: String, using generator: inout SystemRandomNumberGenerator
     ) -> BenchConnection.Request {
+        BenchConnection.request(
+            method: .POST, path: "/v1/transfers", host: host,
+            headers: headers(key: "bench-\(options.runID)-\(lane)-\(sequence)"),
+            body: transferBody(using: &generator))
+    }
+
+    /// `{"from":...,"to":...,"amount":1,"currency":"USD"}` between the hot pair or two random accounts.
+    private func transferBody(using generator: inout SystemRandomNumberGenerator) -> String {
         let from: String
         let to: String
         if options.workload == .hot {
@@ -214,10 +241,13 @@ public struct LoadGenerator: Sendable {
             if b >= a { b += 1 }
             (from, to) = ("bench-\(a)", "bench-\(b)")
         }
-        return BenchConnection.request(
-            method: .POST, path: "/v1/transfers", host: host,
-            headers: headers(key: "bench-\(options.runID)-\(lane)-\(sequence)"),
-            body: #"{"from":"\#(from)","to":"\#(to)","amount":1,"currency":"USD"}"#)
+        return #"{"from":"\#(from)","to":"\#(to)","amount":1,"currency":"USD"}"#
+    }
+
+    /// `{"atomic":true,"transfers":[...]}` with `batchSize` random transfers.
+    private func batchBody(using generator: inout SystemRandomNumberGenerator) -> String {
+        let items = (0..<options.batchSize).map { _ in transferBody(using: &generator) }
+        return #"{"atomic":true,"transfers":["# + items.joined(separator: ",") + "]}"
     }
 
     /// Makes 500 transfers per connection (unmeasured) and returns their requests, to be sent again.

@@ -15,7 +15,7 @@ extension LedgerCommand {
         @Option(name: .customLong("token"), help: "Bearer token (env: LEDGER_TOKEN).")
         var token: String?
 
-        @Option(name: .customLong("workload"), help: "transfers, hot, replays or mixed (default: transfers).")
+        @Option(name: .customLong("workload"), help: "transfers, hot, replays, mixed or batch (default: transfers).")
         var workload: String = "transfers"
 
         @Option(name: .customLong("connections"), help: "Concurrent connections, one request in flight each (default: 16).")
@@ -27,13 +27,17 @@ extension LedgerCommand {
         @Option(name: .customLong("accounts"), help: "Funded accounts for transfers and mixed (default: 10000).")
         var accounts: Int = 10_000
 
+        @Option(name: .customLong("batch-size"), help: "Transfers per request of the batch workload, 1 to 1000 (default: 1000).")
+        var batchSize: Int = 1_000
+
         @Flag(name: .customLong("no-prepare"), help: "Do not create and fund the accounts first (they exist from an earlier run).")
         var noPrepare = false
 
         func validate() throws {
             guard LoadGenerator.Workload(rawValue: workload) != nil else {
-                throw ValidationError("workload must be one of transfers, hot, replays, mixed")
+                throw ValidationError("workload must be one of transfers, hot, replays, mixed, batch")
             }
+            guard (1...1_000).contains(batchSize) else { throw ValidationError("batch-size 1...1000") }
             guard (1...4_096).contains(connections), (1...3_600).contains(durationSeconds), (2...1_000_000).contains(accounts) else {
                 throw ValidationError("connections 1...4096, duration-s 1...3600, accounts 2...1000000")
             }
@@ -50,7 +54,8 @@ extension LedgerCommand {
             let generator = LoadGenerator(
                 options: .init(
                     host: host, port: base.port ?? 80, token: token, workload: LoadGenerator.Workload(rawValue: workload)!,
-                    connections: connections, duration: .seconds(durationSeconds), accounts: accounts))
+                    connections: connections, duration: .seconds(durationSeconds), accounts: accounts,
+                    batchSize: batchSize))
             // One event loop: the generator must take as little CPU from the service and PostgreSQL as it can.
             let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
             if !noPrepare { try await generator.prepare(group: group) }
