@@ -18,18 +18,25 @@ public struct LedgerStore: Sendable {
         /// Concurrent requests of one client executed together in one transaction, at most (group commit, see
         /// `TransferBatcher`). 1 runs every request in a transaction of its own. Default 16.
         public var batchMax: Int
+        /// Batches running at once, at most (each on a pooled connection). Few, so that requests arriving meanwhile
+        /// gather into the next batches instead of each taking a connection of its own: on a small machine two busy
+        /// backends committing batches of 8 to 16 move more money than many committing 1 or 2 (BENCHMARKS.md).
+        /// Default 2.
+        public var batchConcurrencyMax: Int
         /// Memory for answers of completed requests kept to answer replays without a round trip (`ReplayCache`), in
         /// bytes. 0 turns it off. Default 8 MiB.
         public var replayCacheBytesMax: Int
 
         public init(
             keyWaitMilliseconds: Int = 5_000, conflictRetriesMax: Int = 3, batchMax: Int = 16,
-            replayCacheBytesMax: Int = 8 << 20
+            batchConcurrencyMax: Int = 2, replayCacheBytesMax: Int = 8 << 20
         ) {
             precondition(keyWaitMilliseconds >= 1, "keyWaitMilliseconds must be positive")
             precondition(conflictRetriesMax >= 0, "conflictRetriesMax must not be negative")
             precondition((1...1_000).contains(batchMax), "batchMax must be within 1...1000")
             precondition(replayCacheBytesMax >= 0, "replayCacheBytesMax must not be negative")
+            precondition(batchConcurrencyMax >= 1, "batchConcurrencyMax must be positive")
+            self.batchConcurrencyMax = batchConcurrencyMax
             self.replayCacheBytesMax = replayCacheBytesMax
             self.keyWaitMilliseconds = keyWaitMilliseconds
             self.conflictRetriesMax = conflictRetriesMax
@@ -60,7 +67,7 @@ public struct LedgerStore: Sendable {
             store.options.batchMax > 1
             ? TransferBatcher(
                 store: store, batchMax: store.options.batchMax,
-                driversMax: min(store.pool.configuration.poolSizeMax, TransferBatcher.driversMaxDefault))
+                driversMax: min(store.pool.configuration.poolSizeMax, store.options.batchConcurrencyMax))
             : nil
     }
 

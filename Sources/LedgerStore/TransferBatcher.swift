@@ -23,11 +23,6 @@ final class TransferBatcher: Sendable {
         var drivers = 0
     }
 
-    /// Batches running at once, at most. Few, so that requests arriving meanwhile gather into the next batches
-    /// instead of each taking a connection of its own: on a small machine a handful of busy backends commit more
-    /// than many (measured in BENCHMARKS.md).
-    static let driversMaxDefault = 4
-
     private let state = Mutex(State())
     private let batchMax: Int
     private let driversMax: Int

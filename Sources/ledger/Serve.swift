@@ -61,6 +61,9 @@ extension LedgerCommand {
         @Option(name: .customLong("batch-max"), help: "Concurrent requests of one client committed together in one transaction, at most; 1 gives every request a transaction of its own (env: LEDGER_BATCH_MAX; default: 16).")
         var batchMax: Int?
 
+        @Option(name: .customLong("batch-concurrency-max"), help: "Group-commit transactions running at once, at most (env: LEDGER_BATCH_CONCURRENCY_MAX; default: 2).")
+        var batchConcurrencyMax: Int?
+
         @Option(name: .customLong("replay-cache-bytes-max"), help: "Memory for answers of completed transfers, kept to answer replays without a database round trip, in bytes; 0 turns it off (env: LEDGER_REPLAY_CACHE_BYTES_MAX; default: 8388608).")
         var replayCacheBytesMax: Int?
 
@@ -92,6 +95,8 @@ extension LedgerCommand {
                     conflictRetriesMax: try Environment.int(
                         "LEDGER_CONFLICT_RETRIES_MAX", flag: conflictRetriesMax, default: 3, range: 0...100),
                     batchMax: try Environment.int("LEDGER_BATCH_MAX", flag: batchMax, default: 16, range: 1...1_000),
+                    batchConcurrencyMax: try Environment.int(
+                        "LEDGER_BATCH_CONCURRENCY_MAX", flag: batchConcurrencyMax, default: 2, range: 1...1_000),
                     replayCacheBytesMax: try Environment.int(
                         "LEDGER_REPLAY_CACHE_BYTES_MAX", flag: replayCacheBytesMax, default: 8 << 20, range: 0...(1 << 30))),
                 http: HTTPOptions(
