@@ -1,3 +1,4 @@
+import Crypto
 import Synchronization
 
 /// Answers of completed credits, debits and transfers kept in memory, so that a replay (or a reused key) is answered
@@ -9,8 +10,9 @@ import Synchronization
 /// executes afresh), nor batches (a purged non-atomic batch re-runs its failed items). So whatever this cache says,
 /// the database would say too, on any replica: it is a memo of answers, not a second copy of the ledger's rules.
 ///
-/// Bounded by the bytes of the strings it holds; when full it starts over rather than track recency (a miss costs
-/// one indexed read).
+/// Bounded by an estimate of the memory it takes (its strings plus `entryOverheadBytes` each, measured as RSS growth
+/// under load); when full it starts over rather than track recency (a miss costs one indexed read). Requests are told
+/// apart by the SHA-256 of their fingerprint, 32 bytes kept inline.
 final class ReplayCache: Sendable {
     private struct Key: Hashable {
         let client: String
@@ -18,9 +20,12 @@ final class ReplayCache: Sendable {
     }
 
     private struct Entry {
-        let fingerprint: String
+        let fingerprint: SHA256Digest
         let body: String
     }
+
+    /// Heap headers, allocator rounding and the dictionary's slot of one entry, beyond its strings' bytes.
+    static let entryOverheadBytes = 320
 
     private struct State {
         var entries: [Key: Entry] = [:]
@@ -38,7 +43,8 @@ final class ReplayCache: Sendable {
     /// The answer to (client, key, fingerprint) if the key completed with a 201 known here: its replay, or reused.
     func outcome(client: String, key: String, fingerprint: String) -> LedgerStore.PostOutcome? {
         guard let entry = state.withLock({ $0.entries[Key(client: client, key: key)] }) else { return nil }
-        return entry.fingerprint == fingerprint ? .replayed(status: 201, body: entry.body) : .reused
+        return entry.fingerprint == SHA256.hash(data: Array(fingerprint.utf8))
+            ? .replayed(status: 201, body: entry.body) : .reused
     }
 
     /// Keeps a 201, executed or replayed; ignores every other outcome.
@@ -48,15 +54,16 @@ final class ReplayCache: Sendable {
         case .executed(201, let text), .replayed(201, let text): body = text
         default: return
         }
-        let cost = client.utf8.count + key.utf8.count + fingerprint.utf8.count + body.utf8.count + 64
+        let cost = client.utf8.count + key.utf8.count + body.utf8.count + Self.entryOverheadBytes
         guard cost <= bytesMax else { return }
+        let digest = SHA256.hash(data: Array(fingerprint.utf8))
         state.withLock { state in
             if state.bytes + cost > bytesMax {
                 state.entries.removeAll(keepingCapacity: true)
                 state.bytes = 0
             }
             let previous = state.entries.updateValue(
-                Entry(fingerprint: fingerprint, body: body), forKey: Key(client: client, key: key))
+                Entry(fingerprint: digest, body: body), forKey: Key(client: client, key: key))
             if previous == nil { state.bytes += cost }
         }
     }

@@ -68,13 +68,14 @@ struct ReplayCacheTests {
 
     @Test("the cache stays within its bytes: when full it starts over")
     func bounded() {
-        let cache = ReplayCache(bytesMax: 1_000)
+        let cache = ReplayCache(bytesMax: 2_000)
         for index in 0..<50 {
             cache.remember(client: "c", key: "k\(index)", fingerprint: "f", outcome: .executed(status: 201, body: String(repeating: "x", count: 100)))
         }
-        #expect(cache.count < 7, "at most 1,000 bytes of ~170-byte entries")
+        #expect(cache.count <= 2_000 / (100 + ReplayCache.entryOverheadBytes), "at most 2,000 bytes of ~424-byte entries")
         #expect(cache.outcome(client: "c", key: "k49", fingerprint: "f") == .replayed(status: 201, body: String(repeating: "x", count: 100)))
         cache.remember(client: "c", key: "big", fingerprint: "f", outcome: .executed(status: 201, body: String(repeating: "x", count: 2_000)))
+        #expect(cache.outcome(client: "c", key: "k49", fingerprint: "g") == .reused, "another request under a kept key")
         #expect(cache.outcome(client: "c", key: "big", fingerprint: "f") == nil, "an answer larger than the cache is not kept")
         cache.remember(client: "c", key: "failed", fingerprint: "f", outcome: .executed(status: 422, body: "{}"))
         #expect(cache.outcome(client: "c", key: "failed", fingerprint: "f") == nil)
