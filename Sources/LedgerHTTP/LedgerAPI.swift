@@ -113,6 +113,9 @@ public struct LedgerAPI: HTTPResponder {
         let duration = ContinuousClock.now - started
         LedgerMetrics.request(
             route: trace.route, method: request.method.rawValue, status: response.status.code, duration: duration)
+        // The request's log line is built only when it will be written: under load at the default level it is, but
+        // a service run at warning saves the formatting.
+        guard logger.logLevel <= .info else { return response }
         var metadata: Logger.Metadata = [
             "request.id": "\(trace.requestID)", "http.method": "\(request.method.rawValue)",
             "http.route": "\(trace.route)", "http.status": "\(response.status.code)",

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import Metrics
 import PostgresClient
+import Synchronization
 
 /// What one request did, gathered while it runs, for its log line and its metrics.
 final class RequestTrace {
@@ -27,31 +28,55 @@ final class RequestTrace {
 /// The service's metrics, through swift-metrics (exported by swift-prometheus at GET /metrics). Labels are route
 /// templates, status codes, outcomes and SQLSTATE classes only: never an id, a key or a token.
 enum LedgerMetrics {
+    /// Handles made so far, by label and dimensions: asking the metrics backend for one validates its names and takes
+    /// its registry's lock, on every request. Bounded by the label sets, which are finite by design.
+    private static let counters = Mutex<[String: Counter]>([:])
+    private static let timers = Mutex<[String: Timer]>([:])
+
+    private static func handleKey(_ label: String, _ dimensions: [(String, String)]) -> String {
+        dimensions.reduce(label) { $0 + "\u{1F}" + $1.0 + "=" + $1.1 }
+    }
+
+    static func counter(_ label: String, _ dimensions: [(String, String)] = []) -> Counter {
+        known(in: counters, handleKey(label, dimensions)) { Counter(label: label, dimensions: dimensions) }
+    }
+
+    static func timer(_ label: String, _ dimensions: [(String, String)] = []) -> Timer {
+        known(in: timers, handleKey(label, dimensions)) { Timer(label: label, dimensions: dimensions) }
+    }
+
+    private static func known<Handle: Sendable>(
+        in cache: borrowing Mutex<[String: Handle]>, _ key: String, make: () -> Handle
+    ) -> Handle {
+        if let known = cache.withLock({ $0[key] }) { return known }
+        let made = make()
+        cache.withLock { $0[key] = made }
+        return made
+    }
+
     static func request(route: String, method: String, status: Int, duration: Duration) {
-        Counter(
-            label: "ledger_http_requests_total",
-            dimensions: [("route", route), ("method", method), ("status", String(status))]
-        ).increment()
-        Timer(label: "ledger_http_request_duration_seconds", dimensions: [("route", route)])
+        counter("ledger_http_requests_total", [("route", route), ("method", method), ("status", String(status))])
+            .increment()
+        timer("ledger_http_request_duration_seconds", [("route", route)])
             .recordNanoseconds(duration.components.seconds * 1_000_000_000 + duration.components.attoseconds / 1_000_000_000)
     }
 
     /// The idempotency outcome of a POST: executed, replayed, reused (422), in_progress (409). A high replay rate
     /// means clients retry a lot: a sign of client timeouts set too short, or of a retry bug.
     static func idempotency(outcome: String) {
-        Counter(label: "ledger_idempotency_outcomes_total", dimensions: [("outcome", outcome)]).increment()
+        counter("ledger_idempotency_outcomes_total", [("outcome", outcome)]).increment()
         switch outcome {
-        case "replayed": Counter(label: "ledger_idempotent_replays_total").increment()
-        case "reused": Counter(label: "ledger_idempotency_key_reused_total").increment()
-        case "in_progress": Counter(label: "ledger_idempotency_key_in_progress_total").increment()
+        case "replayed": counter("ledger_idempotent_replays_total").increment()
+        case "reused": counter("ledger_idempotency_key_reused_total").increment()
+        case "in_progress": counter("ledger_idempotency_key_in_progress_total").increment()
         default: break
         }
     }
 
     /// A business outcome stored for replay: insufficient-funds, currency-mismatch, account-not-found, ...
     static func businessProblem(code: String) {
-        Counter(label: "ledger_transfer_problems_total", dimensions: [("code", code)]).increment()
-        if code == "insufficient-funds" { Counter(label: "ledger_insufficient_funds_total").increment() }
+        counter("ledger_transfer_problems_total", [("code", code)]).increment()
+        if code == "insufficient-funds" { counter("ledger_insufficient_funds_total").increment() }
     }
 
     static func databaseError(_ error: PostgresError) {
