@@ -72,6 +72,51 @@ struct TransferBatcherTests {
         #expect(try await store.verify().isEmpty)
     }
 
+    @Test("a batch the database refuses as a whole is run request by request, each with its own outcome")
+    func refusedBatchRunsAlone() async throws {
+        let store = try await makeStore()
+        defer { Task { await store.pool.close() } }
+        _ = try await store.createToken(client: "acme")
+        _ = try await store.putAccount(client: "acme", id: "a", request: AccountRequest(currency: "USD", allowNegative: false))
+        // This database refuses every batch, as it would for a statement error in one request of it, and counts the
+        // refusals in a sequence (which its rollback does not undo).
+        try await store.pool.query("CREATE SEQUENCE refusals")
+        try await store.pool.query(
+            """
+            CREATE OR REPLACE FUNCTION ledger.post_transfers(p_client text, p_items jsonb)
+            RETURNS TABLE (item integer, outcome text, status_code integer, response_body text)
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM nextval('refusals');
+                RAISE EXCEPTION 'refused' USING ERRCODE = 'data_exception';
+            END;
+            $$
+            """)
+        let outcomes = try await withThrowingTaskGroup(of: LedgerStore.PostOutcome.self) { group in
+            for index in 0..<40 {
+                group.addTask {
+                    // Every other request is a debit the account cannot afford: a failure of its own, stored.
+                    let body = index % 2 == 0
+                        ? #"{"account":"a","amount":5,"currency":"USD"}"# : #"{"account":"a","amount":1000000,"currency":"USD"}"#
+                    let kind: TransferRequest.Kind = index % 2 == 0 ? .credit : .debit
+                    return try await store.post(client: "acme", key: IdempotencyKey(unchecked: "k\(index)"), request: try request(kind, body))
+                }
+            }
+            var all: [LedgerStore.PostOutcome] = []
+            for try await outcome in group { all.append(outcome) }
+            return all
+        }
+        #expect(outcomes.filter { if case .executed(201, _) = $0 { return true } else { return false } }.count == 20)
+        #expect(outcomes.filter { if case .executed(422, _) = $0 { return true } else { return false } }.count == 20)
+        let refusals = try await store.pool.query("SELECT last_value, is_called FROM refusals").rows[0]
+        #expect(try refusals.decode(Bool.self, "is_called"), "no batch was formed, so none was refused")
+        let transfers = try await store.pool.query("SELECT count(*) AS n FROM ledger.transfers").rows[0]
+        #expect(try transfers.decode(Int64.self, "n") == 20)
+        let stored = try await store.pool.query("SELECT count(*) AS n FROM ledger.idempotency_keys").rows[0].decode(Int64.self, "n")
+        #expect(stored == 40, "every request has its own stored outcome")
+        #expect(try await store.verify().isEmpty)
+    }
+
     @Test("a key held by another execution waits on its own, and the rest of the batch does not wait for it")
     func busyKey() async throws {
         let store = try await makeStore()
