@@ -143,11 +143,8 @@ struct BatchTests {
         defer { Task { await store.pool.close() } }
         try await fund(store, count: 10, balance: 100)
         let batch = try batch((0..<10).map { #"{"from":"a\#($0)","to":"a\#(($0 + 1) % 10)","amount":3,"currency":"USD"}"# }, atomic: true)
-        let outcomes = try await withThrowingTaskGroup(of: LedgerStore.PostOutcome.self) { group in
-            for _ in 0..<16 { group.addTask { try await store.postBatch(client: client, key: IdempotencyKey(unchecked: "storm"), batch: batch) } }
-            var all: [LedgerStore.PostOutcome] = []
-            for try await outcome in group { all.append(outcome) }
-            return all
+        let outcomes = try await concurrently(16) { _ in
+            try await store.postBatch(client: client, key: IdempotencyKey(unchecked: "storm"), batch: batch)
         }
         var bodies = Set<String>()
         var executed = 0

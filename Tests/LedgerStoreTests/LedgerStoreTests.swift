@@ -26,12 +26,7 @@ struct LedgerStoreTests {
         _ = try await store.putAccount(client: "acme", id: "alice", request: AccountRequest(currency: "USD", allowNegative: false))
         let credit = try request(.credit, #"{"account":"alice","amount":700,"currency":"USD"}"#)
         let key = IdempotencyKey(unchecked: "storm")
-        let outcomes = try await withThrowingTaskGroup(of: LedgerStore.PostOutcome.self) { group in
-            for _ in 0..<24 { group.addTask { try await store.post(client: "acme", key: key, request: credit) } }
-            var all: [LedgerStore.PostOutcome] = []
-            for try await outcome in group { all.append(outcome) }
-            return all
-        }
+        let outcomes = try await concurrently(24) { _ in try await store.post(client: "acme", key: key, request: credit) }
         var bodies = Set<String>()
         var executed = 0
         for outcome in outcomes {

@@ -92,19 +92,12 @@ struct TransferBatcherTests {
             END;
             $$
             """)
-        let outcomes = try await withThrowingTaskGroup(of: LedgerStore.PostOutcome.self) { group in
-            for index in 0..<40 {
-                group.addTask {
-                    // Every other request is a debit the account cannot afford: a failure of its own, stored.
-                    let body = index % 2 == 0
-                        ? #"{"account":"a","amount":5,"currency":"USD"}"# : #"{"account":"a","amount":1000000,"currency":"USD"}"#
-                    let kind: TransferRequest.Kind = index % 2 == 0 ? .credit : .debit
-                    return try await store.post(client: "acme", key: IdempotencyKey(unchecked: "k\(index)"), request: try request(kind, body))
-                }
-            }
-            var all: [LedgerStore.PostOutcome] = []
-            for try await outcome in group { all.append(outcome) }
-            return all
+        let outcomes = try await concurrently(40) { index in
+            // Every other request is a debit the account cannot afford: a failure of its own, stored.
+            let body = index % 2 == 0
+                ? #"{"account":"a","amount":5,"currency":"USD"}"# : #"{"account":"a","amount":1000000,"currency":"USD"}"#
+            let kind: TransferRequest.Kind = index % 2 == 0 ? .credit : .debit
+            return try await store.post(client: "acme", key: IdempotencyKey(unchecked: "k\(index)"), request: try request(kind, body))
         }
         #expect(outcomes.filter { if case .executed(201, _) = $0 { return true } else { return false } }.count == 20)
         #expect(outcomes.filter { if case .executed(422, _) = $0 { return true } else { return false } }.count == 20)
