@@ -292,7 +292,7 @@ BEGIN
     WHERE NOT (x.n = ANY (coalesce(v_made, '{}')));
     IF v_run IS NOT NULL THEN
         FOR v_row IN
-            SELECT m.n, m.problem
+            SELECT m.n, m.status_code, m.problem
             FROM ledger.movement_arrays(p_items, v_run) AS items,
             LATERAL ledger.execute_movements(
                 p_client, p_atomic, array_fill(p_key, ARRAY[cardinality(v_run)]), array_fill(v_sha, ARRAY[cardinality(v_run)]),
@@ -302,12 +302,12 @@ BEGIN
             v_problem[v_run[v_row.n]] := v_row.problem;
             -- Atomic: the one failure is the batch's answer; nothing was written.
             IF p_atomic THEN
-                SELECT ledger.problem_json((p.j ->> 'status')::integer, p.j ->> 'code', p.j ->> 'title',
+                SELECT ledger.problem_json(v_row.status_code, p.j ->> 'code', p.j ->> 'title',
                                            'transfers[' || (v_run[v_row.n] - 1) || ']: ' || (p.j ->> 'detail'))
                 INTO v_body
                 FROM (SELECT v_row.problem::jsonb AS j) p;
-                PERFORM ledger.store_outcome(p_client, p_key, v_sha, ((v_body::jsonb) ->> 'status')::integer, v_body, NULL);
-                RETURN QUERY SELECT 'executed', ((v_body::jsonb) ->> 'status')::integer, v_body;
+                PERFORM ledger.store_outcome(p_client, p_key, v_sha, v_row.status_code, v_body, NULL);
+                RETURN QUERY SELECT 'executed', v_row.status_code, v_body;
                 RETURN;
             END IF;
         END LOOP;
