@@ -61,8 +61,20 @@ final class BenchConnection: Sendable {
         return try await promise.futureResult.get()
     }
 
-    func close() async {
-        try? await channel.close()
+    /// Runs `body` on a new connection and closes it before returning or throwing: the caller shuts the event loop
+    /// group down right after the run, so no close may be left behind for later.
+    static func with<T: Sendable>(
+        host: String, port: Int, group: any EventLoopGroup, _ body: (BenchConnection) async throws -> T
+    ) async throws -> T {
+        let connection = try await connect(host: host, port: port, group: group)
+        do {
+            let result = try await body(connection)
+            try? await connection.channel.close()
+            return result
+        } catch {
+            try? await connection.channel.close()
+            throw error
+        }
     }
 
     /// Builds a request. `Content-Length` is always set; the connection stays open.

@@ -96,24 +96,24 @@ public struct LoadGenerator: Sendable {
         try await withThrowingTaskGroup(of: Void.self) { tasks in
             for lane in 0..<lanes {
                 tasks.addTask {
-                    let connection = try await BenchConnection.connect(host: options.host, port: options.port, group: group)
-                    defer { Task { await connection.close() } }
-                    for index in stride(from: lane, to: names.count, by: lanes) {
-                        let name = names[index]
-                        let put = try await connection.send(
-                            BenchConnection.request(
-                                method: .PUT, path: "/v1/accounts/\(name)", host: host, headers: self.headers(key: nil),
-                                body: #"{"currency":"USD"}"#))
-                        guard put.status == 200 || put.status == 201 else {
-                            throw BenchConnection.Failure(description: "PUT /v1/accounts/\(name) answered \(put.status)")
-                        }
-                        let credit = try await connection.send(
-                            BenchConnection.request(
-                                method: .POST, path: "/v1/credits", host: host,
-                                headers: self.headers(key: "bench-fund-\(name)"),
-                                body: #"{"account":"\#(name)","amount":\#(Self.fundingAmount),"currency":"USD"}"#))
-                        guard credit.status == 201 else {
-                            throw BenchConnection.Failure(description: "funding \(name) answered \(credit.status)")
+                    try await BenchConnection.with(host: options.host, port: options.port, group: group) { connection in
+                        for index in stride(from: lane, to: names.count, by: lanes) {
+                            let name = names[index]
+                            let put = try await connection.send(
+                                BenchConnection.request(
+                                    method: .PUT, path: "/v1/accounts/\(name)", host: host, headers: self.headers(key: nil),
+                                    body: #"{"currency":"USD"}"#))
+                            guard put.status == 200 || put.status == 201 else {
+                                throw BenchConnection.Failure(description: "PUT /v1/accounts/\(name) answered \(put.status)")
+                            }
+                            let credit = try await connection.send(
+                                BenchConnection.request(
+                                    method: .POST, path: "/v1/credits", host: host,
+                                    headers: self.headers(key: "bench-fund-\(name)"),
+                                    body: #"{"account":"\#(name)","amount":\#(Self.fundingAmount),"currency":"USD"}"#))
+                            guard credit.status == 201 else {
+                                throw BenchConnection.Failure(description: "funding \(name) answered \(credit.status)")
+                            }
                         }
                     }
                 }
@@ -175,8 +175,15 @@ public struct LoadGenerator: Sendable {
         _ index: Int, host: String, replayPool: [BenchConnection.Request], until deadline: ContinuousClock.Instant,
         group: any EventLoopGroup
     ) async throws -> Lane {
-        let connection = try await BenchConnection.connect(host: options.host, port: options.port, group: group)
-        defer { Task { await connection.close() } }
+        try await BenchConnection.with(host: options.host, port: options.port, group: group) { connection in
+            try await lane(index, host: host, replayPool: replayPool, until: deadline, on: connection)
+        }
+    }
+
+    private func lane(
+        _ index: Int, host: String, replayPool: [BenchConnection.Request], until deadline: ContinuousClock.Instant,
+        on connection: BenchConnection
+    ) async throws -> Lane {
         var generator = SystemRandomNumberGenerator()
         var lane = Lane()
         var sent: [BenchConnection.Request] = []
@@ -255,19 +262,19 @@ public struct LoadGenerator: Sendable {
         try await withThrowingTaskGroup(of: (Int, [BenchConnection.Request]).self) { tasks in
             for lane in 0..<options.connections {
                 tasks.addTask {
-                    let connection = try await BenchConnection.connect(host: options.host, port: options.port, group: group)
-                    defer { Task { await connection.close() } }
-                    var generator = SystemRandomNumberGenerator()
-                    var made: [BenchConnection.Request] = []
-                    for sequence in 0..<500 {
-                        let request = self.newTransfer(lane: lane, sequence: sequence, host: host, using: &generator)
-                        let response = try await connection.send(request)
-                        guard response.status == 201 else {
-                            throw BenchConnection.Failure(description: "making replay keys: answered \(response.status)")
+                    try await BenchConnection.with(host: options.host, port: options.port, group: group) { connection in
+                        var generator = SystemRandomNumberGenerator()
+                        var made: [BenchConnection.Request] = []
+                        for sequence in 0..<500 {
+                            let request = self.newTransfer(lane: lane, sequence: sequence, host: host, using: &generator)
+                            let response = try await connection.send(request)
+                            guard response.status == 201 else {
+                                throw BenchConnection.Failure(description: "making replay keys: answered \(response.status)")
+                            }
+                            made.append(request)
                         }
-                        made.append(request)
+                        return (lane, made)
                     }
-                    return (lane, made)
                 }
             }
             var pool = Array(repeating: [BenchConnection.Request](), count: options.connections)
