@@ -6,6 +6,7 @@ executable through subprocesses. Nothing imports the service's code.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -142,6 +143,37 @@ class PsqlSession:
         except Exception:
             self.proc.kill()
             self.proc.wait()
+
+
+@contextlib.contextmanager
+def holding_account_lock(dbname: str, client: str, account: str):
+    """Holds a row lock on the account (SELECT ... FOR UPDATE in an open transaction of a psql session) for the
+    length of the block: a request that writes to the account waits inside the database meanwhile."""
+    holder = PsqlSession(dbname)
+    try:
+        holder.send("BEGIN")
+        locked = holder.query_line(
+            f"SELECT id FROM ledger.accounts WHERE client_id = {sql_literal(client)} AND id = {sql_literal(account)} "
+            "FOR UPDATE"
+        )
+        assert locked == account, f"account {account!r} not found to lock: {locked!r}"
+        yield holder
+    finally:
+        holder.send("COMMIT")
+        holder.close()
+
+
+@contextlib.contextmanager
+def holding_key_lock(dbname: str, client: str, key: str):
+    """Holds the advisory lock the service takes for an execution of (client, key) for the length of the block, as
+    if another execution of the key were in progress."""
+    holder = PsqlSession(dbname)
+    try:
+        holder.query_line(f"SELECT pg_advisory_lock(hashtextextended({sql_literal(client + ' ' + key)}, 0))")
+        yield holder
+    finally:
+        holder.query_line("SELECT pg_advisory_unlock_all()")
+        holder.close()
 
 
 def wait_for_lock_waiter(dbname: str, timeout: float = 10) -> None:

@@ -1085,19 +1085,6 @@ def test_transfer_lookup_routes_still_work(api_a):
 # 8. In progress (409), server-side failure (503), retention purge
 
 
-def hold_account_lock(main_db, api, account):
-    """A psql session holding a row lock on the account, inside an open transaction."""
-    holder = lt.PsqlSession(main_db)
-    holder.send("BEGIN")
-    locked = holder.query_line(
-        "SELECT id FROM ledger.accounts WHERE client_id = {} AND id = {} FOR UPDATE".format(
-            lt.sql_literal(api.client), lt.sql_literal(account)
-        )
-    )
-    assert locked == account
-    return holder
-
-
 def test_key_in_progress_is_409_then_replays(api_a, main_db, start_server):
     srv = start_server(["--no-migrate", "--key-wait-ms", "300"])
     api = api_a.clone(srv.base)
@@ -1106,8 +1093,7 @@ def test_key_in_progress_is_409_then_replays(api_a, main_db, start_server):
     items = [item(a, b, 10, "XBI"), item(b, a, 3, "XBI")]
     key = lt.uid("busy-")
     result = {}
-    holder = hold_account_lock(main_db, api, a)
-    try:
+    with lt.holding_account_lock(main_db, api.client, a):
         t = threading.Thread(target=lambda: result.setdefault("first", post_batch(api.clone(), items, key=key)))
         t.start()
         lt.wait_for_lock_waiter(main_db)
@@ -1120,9 +1106,6 @@ def test_key_in_progress_is_409_then_replays(api_a, main_db, start_server):
         # A single transfer under the same key is also held off while the batch runs.
         lt.assert_problem(api.clone().transfer(a, b, 1, "XBI", key=key), 409, "idempotency-key-in-progress")
         assert "first" not in result
-    finally:
-        holder.send("COMMIT")
-        holder.close()
     t.join(timeout=30)
     first = result["first"]
     lt.assert_first(first, 201)
@@ -1139,15 +1122,11 @@ def test_statement_timeout_is_503_and_stores_nothing(api_a, main_db, sql, start_
     b = api.new_account("XBS")
     items = [item(b, a, 1, "XBS", {"k": 1}), item(a, b, 10, "XBS")]  # item 0 fails unless item order is ignored
     key = lt.uid("slow-")
-    holder = hold_account_lock(main_db, api, b)
-    try:
+    with lt.holding_account_lock(main_db, api.client, b):
         for atomic in (True, False):
             r = post_batch(api, items, atomic=atomic, key=key if atomic else key + "n")
             lt.assert_problem(r, 503, "database-unavailable")
             assert r.headers.get("Retry-After", "").strip().isdigit(), lt.describe(r)
-    finally:
-        holder.send("COMMIT")
-        holder.close()
     assert state(api, [a, b]) == {a: (100, 1), b: (0, 0)}
     assert key_rows(sql, api, key) == (0, 0) and key_rows(sql, api, key + "n") == (0, 0)
     # The keys execute afresh.

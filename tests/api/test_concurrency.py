@@ -224,16 +224,8 @@ def test_key_in_progress_beyond_wait_is_409(api_a, main_db, start_server):
     currency = "XIP"  # a currency of its own, so no other test's @world is touched
     account = api.new_account(currency)
     key = lt.uid("slow-")
-    holder = lt.PsqlSession(main_db)
     result = {}
-    try:
-        holder.send("BEGIN")
-        locked = holder.query_line(
-            "SELECT id FROM ledger.accounts WHERE client_id = {} AND id = {} FOR UPDATE".format(
-                lt.sql_literal(api.client), lt.sql_literal(account)
-            )
-        )
-        assert locked == account
+    with lt.holding_account_lock(main_db, api.client, account):
 
         def first():
             result["first"] = api.clone().credit(account, 9, currency, key=key)
@@ -251,9 +243,6 @@ def test_key_in_progress_beyond_wait_is_409(api_a, main_db, start_server):
         )
         assert elapsed < 5, f"the wait must be bounded by --key-wait-ms 300, took {elapsed:.1f}s"
         assert "first" not in result, "the first request must still be running"
-    finally:
-        holder.send("COMMIT")
-        holder.close()
     t.join(timeout=30)
     first_r = result["first"]
     lt.assert_first(first_r, 201)
@@ -267,15 +256,8 @@ def test_graceful_shutdown_finishes_inflight_request(api_a, main_db, start_serve
     currency = "XGS"
     account = api.new_account(currency)
     key = lt.uid("inflight-")
-    holder = lt.PsqlSession(main_db)
     result = {}
-    try:
-        holder.send("BEGIN")
-        holder.query_line(
-            "SELECT id FROM ledger.accounts WHERE client_id = {} AND id = {} FOR UPDATE".format(
-                lt.sql_literal(api.client), lt.sql_literal(account)
-            )
-        )
+    with lt.holding_account_lock(main_db, api.client, account):
 
         def inflight():
             try:
@@ -289,9 +271,6 @@ def test_graceful_shutdown_finishes_inflight_request(api_a, main_db, start_serve
         srv.proc.send_signal(15)  # SIGTERM
         time.sleep(0.5)
         assert srv.proc.poll() is None, "the server must wait for the in-flight request before exiting"
-    finally:
-        holder.send("COMMIT")
-        holder.close()
     t.join(timeout=30)
     assert "error" not in result, f"in-flight request failed during graceful shutdown: {result.get('error')!r}"
     lt.assert_first(result["r"], 201)
@@ -310,20 +289,10 @@ def test_statement_timeout_is_503_and_stores_nothing(api_a, main_db, start_serve
     currency = "XST"
     account = api.new_account(currency)
     key = lt.uid("timeout-")
-    holder = lt.PsqlSession(main_db)
-    try:
-        holder.send("BEGIN")
-        holder.query_line(
-            "SELECT id FROM ledger.accounts WHERE client_id = {} AND id = {} FOR UPDATE".format(
-                lt.sql_literal(api.client), lt.sql_literal(account)
-            )
-        )
+    with lt.holding_account_lock(main_db, api.client, account):
         r = api.credit(account, 4, currency, key=key)
         lt.assert_problem(r, 503, "database-unavailable")
         assert r.headers.get("Retry-After", "").strip().isdigit(), f"503 needs Retry-After: {lt.describe(r)}"
-    finally:
-        holder.send("COMMIT")
-        holder.close()
     assert api_a.balance(account) == 0
     n = lt.psql(
         main_db,

@@ -58,10 +58,8 @@ def test_one_client_never_blocks_another_on_the_same_key(main_db, api_a, api_b):
     key = lt.uid("shared-")
     a_account = api_a.funded_account(100)
     b_account = api_b.funded_account(100)
-    holder = lt.PsqlSession(main_db)
-    try:
-        # Client A's execution of the key is "in progress" (its advisory lock is held)...
-        holder.query_line(f"SELECT pg_advisory_lock(hashtextextended({lt.sql_literal(api_a.client + ' ' + key)}, 0))")
+    # Client A's execution of the key is "in progress" (its advisory lock is held)...
+    with lt.holding_key_lock(main_db, api_a.client, key):
         result = {}
         t = threading.Thread(target=lambda: result.setdefault("a", api_a.debit(a_account, 1, key=key)))
         t.start()
@@ -70,9 +68,6 @@ def test_one_client_never_blocks_another_on_the_same_key(main_db, api_a, api_b):
         r = api_b.debit(b_account, 1, key=key)
         lt.assert_first(r, 201)
         assert "a" not in result, "client A's request should still be waiting"
-    finally:
-        holder.query_line("SELECT pg_advisory_unlock_all()")
-        holder.close()
     t.join(timeout=30)
     lt.assert_first(result["a"], 201)
 

@@ -59,22 +59,19 @@ def test_sigterm_lets_an_in_flight_request_finish_then_exits_cleanly(own_db, ser
     api = client_api(own_db, server)
     account = api.funded_account(1000)
     key = lt.uid("k-")
-    # Hold the key's advisory lock from psql, so the request waits inside the database.
-    holder = lt.PsqlSession(own_db)
-    holder.query_line(f"SELECT pg_advisory_lock(hashtextextended({lt.sql_literal('rel ' + key)}, 0))")
     result = {}
 
     def send():
         result["response"] = api.debit(account, 100, key=key)
 
-    thread = threading.Thread(target=send)
-    thread.start()
-    lt.wait_for_lock_waiter(own_db)
-    server.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    assert server.proc.poll() is None, "the server exited with a request still in flight"
-    holder.query_line("SELECT pg_advisory_unlock_all()")
-    holder.close()
+    # Hold the key's advisory lock from psql, so the request waits inside the database.
+    with lt.holding_key_lock(own_db, "rel", key):
+        thread = threading.Thread(target=send)
+        thread.start()
+        lt.wait_for_lock_waiter(own_db)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert server.proc.poll() is None, "the server exited with a request still in flight"
     thread.join(timeout=20)
     response = result.get("response")
     assert response is not None, "the in-flight request got no answer"
@@ -88,16 +85,14 @@ def test_in_flight_requests_are_cut_after_the_shutdown_grace(own_db, serve):
     api = client_api(own_db, server)
     account = api.funded_account(1000)
     key = lt.uid("k-")
-    holder = lt.PsqlSession(own_db)
-    holder.query_line(f"SELECT pg_advisory_lock(hashtextextended({lt.sql_literal('rel ' + key)}, 0))")
-    thread = threading.Thread(target=lambda: _swallow(lambda: api.debit(account, 100, key=key)))
-    thread.start()
-    lt.wait_for_lock_waiter(own_db)
-    started = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
-    server.proc.wait(timeout=15)
-    assert time.monotonic() - started < 10, "shutdown was not bounded by --shutdown-grace-s"
-    holder.close()
+    with lt.holding_key_lock(own_db, "rel", key):
+        thread = threading.Thread(target=lambda: _swallow(lambda: api.debit(account, 100, key=key)))
+        thread.start()
+        lt.wait_for_lock_waiter(own_db)
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=15)
+        assert time.monotonic() - started < 10, "shutdown was not bounded by --shutdown-grace-s"
     thread.join(timeout=20)
 
 
