@@ -159,8 +159,10 @@ def holding_account_lock(dbname: str, client: str, account: str):
         assert locked == account, f"account {account!r} not found to lock: {locked!r}"
         yield holder
     finally:
-        holder.send("COMMIT")
-        holder.close()
+        try:
+            holder.send("COMMIT")
+        finally:
+            holder.close()
 
 
 @contextlib.contextmanager
@@ -172,8 +174,10 @@ def holding_key_lock(dbname: str, client: str, key: str):
         holder.query_line(f"SELECT pg_advisory_lock(hashtextextended({sql_literal(client + ' ' + key)}, 0))")
         yield holder
     finally:
-        holder.query_line("SELECT pg_advisory_unlock_all()")
-        holder.close()
+        try:
+            holder.query_line("SELECT pg_advisory_unlock_all()")
+        finally:
+            holder.close()
 
 
 def wait_for_lock_waiter(dbname: str, timeout: float = 10) -> None:
