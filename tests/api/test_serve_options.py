@@ -6,6 +6,8 @@ the stored response behind the service's back: only the database path can see th
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 import ledgertest as lt
@@ -19,6 +21,17 @@ def tamper_stored_response(main_db: str, client: str, key: str) -> None:
         f"WHERE client_id = {lt.sql_literal(client)} AND key = {lt.sql_literal(key)} RETURNING 1",
     )
     assert changed.strip() == "1", f"no stored response for key {key!r}: {changed!r}"
+
+
+def transaction_sizes(main_db: str, client: str, keys: list[str]) -> list[int]:
+    """How many of the keys' transfers each transaction committed (transfers committed together share their xmin)."""
+    key_list = "ARRAY[" + ",".join(lt.sql_literal(k) for k in keys) + "]"
+    out = lt.psql(
+        main_db,
+        "SELECT count(*) FROM ledger.transfers "
+        f"WHERE client_id = {lt.sql_literal(client)} AND idempotency_key = ANY ({key_list}) GROUP BY xmin::text",
+    )
+    return sorted(int(line) for line in out.split())
 
 
 def first_transfer(api: lt.Api) -> tuple[str, dict, object]:
@@ -63,17 +76,14 @@ def test_batch_max_1_gives_every_request_a_transaction_of_its_own(main_db, clien
 
     answers = lt.parallel([send(i) for i in range(len(keys))])
     assert all(r.status_code == 201 for r in answers), [lt.describe(r) for r in answers if r.status_code != 201]
-    key_list = "ARRAY[" + ",".join(lt.sql_literal(k) for k in keys) + "]"
-    counts = lt.psql(
-        main_db,
-        "SELECT count(*), count(DISTINCT xmin::text) FROM ledger.transfers "
-        f"WHERE client_id = {lt.sql_literal(name)} AND idempotency_key = ANY ({key_list})",
-    ).strip()
-    assert counts == f"{len(keys)}|{len(keys)}", f"transfers | distinct transactions: {counts}"
+    sizes = transaction_sizes(main_db, name, keys)
+    assert sizes == [1] * len(keys), f"transfers per transaction: {sizes}"
     assert api.balance(source) == 1_000 - len(keys)
 
 
 def test_one_group_commit_at_a_time_still_takes_a_storm(main_db, clients, start_server):
+    """--batch-concurrency-max 1 and --batch-max 4: every request answered once, exact balances, batches within 4
+    (with --batch-max ignored, batches of 8 were seen)."""
     srv = start_server(["--no-migrate", "--batch-concurrency-max", "1", "--batch-max", "4"])
     name, token = clients["a"]
     api = lt.Api(srv.base, token, name)
@@ -86,6 +96,9 @@ def test_one_group_commit_at_a_time_still_takes_a_storm(main_db, clients, start_
 
     answers = lt.parallel([send(i) for i in range(len(keys))])
     assert all(r.status_code == 201 for r in answers), [lt.describe(r) for r in answers if r.status_code != 201]
+    # --batch-max 4: no transaction holds more than 4 of them.
+    sizes = transaction_sizes(main_db, name, keys)
+    assert sum(sizes) == len(keys) and max(sizes) <= 4, f"transfers per transaction: {sizes}"
     # 20 transfers of 3 left -> right, 20 of 4 right -> left.
     assert api.balance(left) == 500 - 60 + 80
     assert api.balance(right) == 500 + 60 - 80
@@ -93,3 +106,34 @@ def test_one_group_commit_at_a_time_still_takes_a_storm(main_db, clients, start_
     again = lt.parallel([send(i) for i in range(len(keys))])
     for first, second in zip(answers, again):
         lt.assert_replay_of(first, second)
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_batch_concurrency_max_bounds_the_transactions_running_at_once(main_db, clients, start_server, concurrency):
+    """With --batch-concurrency-max N, N group-commit transactions may run at once: one stuck behind a row lock
+    holds up every other request when N is 1, and none when N is 2."""
+    srv = start_server(["--no-migrate", "--batch-concurrency-max", str(concurrency)])
+    name, token = clients["a"]
+    api = lt.Api(srv.base, token, name)
+    stuck_from, stuck_to = api.funded_account(10), api.new_account()
+    free_from, free_to = api.funded_account(10), api.new_account()
+    results = {}
+    with lt.holding_account_lock(main_db, name, stuck_from):
+        stuck = threading.Thread(
+            target=lambda: results.setdefault("stuck", api.clone().transfer(stuck_from, stuck_to, 1)))
+        stuck.start()
+        lt.wait_for_lock_waiter(main_db)
+        free = threading.Thread(
+            target=lambda: results.setdefault("free", api.clone().transfer(free_from, free_to, 1)))
+        free.start()
+        free.join(timeout=3)
+        if concurrency == 1:
+            assert "free" not in results, "a second transaction ran beside the stuck one"
+        else:
+            assert "free" in results, "the free request waited for the stuck one"
+            lt.assert_first(results["free"], 201)
+    stuck.join(timeout=30)
+    free.join(timeout=30)
+    lt.assert_first(results["stuck"], 201)
+    lt.assert_first(results["free"], 201)
+    assert (api.balance(stuck_to), api.balance(free_to)) == (1, 1)
