@@ -12,9 +12,7 @@ struct BatchTests {
     let client = "acme"
 
     func makeStore() async throws -> LedgerStore {
-        let pool = try await TestDatabase.pool(poolSizeMax: 8)
-        try await Migrator.load(directory: MigratorTests.repositorySQL, logger: TestDatabase.logger).migrate(pool: pool)
-        let store = LedgerStore(pool: pool, logger: TestDatabase.logger)
+        let store = try await TestDatabase.migratedStore(poolSizeMax: 8)
         _ = try await store.createToken(client: client)
         return store
     }

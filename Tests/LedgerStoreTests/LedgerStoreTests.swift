@@ -9,9 +9,7 @@ import Testing
 @Suite("LedgerStore against a real PostgreSQL")
 struct LedgerStoreTests {
     func makeStore(poolSizeMax: Int = 8) async throws -> LedgerStore {
-        let pool = try await TestDatabase.pool(poolSizeMax: poolSizeMax)
-        try await Migrator.load(directory: MigratorTests.repositorySQL, logger: TestDatabase.logger).migrate(pool: pool)
-        return LedgerStore(pool: pool, logger: TestDatabase.logger)
+        try await TestDatabase.migratedStore(poolSizeMax: poolSizeMax)
     }
 
     func request(_ kind: TransferRequest.Kind, _ body: String) throws -> TransferRequest {

@@ -9,9 +9,7 @@ import Testing
 @Suite("Replay cache")
 struct ReplayCacheTests {
     func makeStore(cacheBytes: Int) async throws -> LedgerStore {
-        let pool = try await TestDatabase.pool(poolSizeMax: 4)
-        try await Migrator.load(directory: MigratorTests.repositorySQL, logger: TestDatabase.logger).migrate(pool: pool)
-        let store = LedgerStore(pool: pool, options: .init(replayCacheBytesMax: cacheBytes), logger: TestDatabase.logger)
+        let store = try await TestDatabase.migratedStore(poolSizeMax: 4, options: .init(replayCacheBytesMax: cacheBytes))
         _ = try await store.createToken(client: "acme")
         _ = try await store.putAccount(client: "acme", id: "alice", request: AccountRequest(currency: "USD", allowNegative: false))
         return store

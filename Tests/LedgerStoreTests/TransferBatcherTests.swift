@@ -9,9 +9,7 @@ import Testing
 @Suite("Batched execution (group commit)")
 struct TransferBatcherTests {
     func makeStore() async throws -> LedgerStore {
-        let pool = try await TestDatabase.pool(poolSizeMax: 4)
-        try await Migrator.load(directory: MigratorTests.repositorySQL, logger: TestDatabase.logger).migrate(pool: pool)
-        return LedgerStore(pool: pool, options: .init(batchMax: 16), logger: TestDatabase.logger).batching()
+        try await TestDatabase.migratedStore(poolSizeMax: 4, options: .init(batchMax: 16)).batching()
     }
 
     func request(_ kind: TransferRequest.Kind, _ body: String) throws -> TransferRequest {

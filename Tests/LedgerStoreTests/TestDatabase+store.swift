@@ -1,0 +1,11 @@
+import LedgerStore
+import LedgerTestSupport
+
+extension TestDatabase {
+    /// A store on a new database of its own, with every migration of the repository's `sql/` applied.
+    static func migratedStore(poolSizeMax: Int, options: LedgerStore.Options = .init()) async throws -> LedgerStore {
+        let pool = try await pool(poolSizeMax: poolSizeMax)
+        try await Migrator.load(directory: MigratorTests.repositorySQL, logger: logger).migrate(pool: pool)
+        return LedgerStore(pool: pool, options: options, logger: logger)
+    }
+}
