@@ -185,18 +185,16 @@ extension LedgerCommand {
     }
 }
 
-/// How long stored responses are kept and how they are purged: `ledger serve` (in the background) and `ledger purge`.
+/// How long stored responses are kept and how they are purged, shared by `ledger serve` (in the background) and
+/// `ledger purge`. How often the background purge runs is `serve`'s own flag (`--purge-interval-s`).
 struct RetentionFlags: ParsableArguments {
     @Option(name: .customLong("retention-s"), help: "Stored responses are kept at least this long, in seconds (env: LEDGER_RETENTION_S; default: 86400).")
     var retentionSeconds: Int?
 
-    @Option(name: .customLong("purge-interval-s"), help: "Seconds between background purges by `ledger serve` (env: LEDGER_PURGE_INTERVAL_S; default: 60).")
-    var purgeIntervalSeconds: Int?
-
     @Option(name: .customLong("purge-batch-size"), help: "Stored responses deleted per statement (env: LEDGER_PURGE_BATCH_SIZE; default: 1000).")
     var purgeBatchSize: Int?
 
-    func options() throws -> RetentionOptions {
+    func options(purgeIntervalSeconds: Int? = nil) throws -> RetentionOptions {
         RetentionOptions(
             retention: .seconds(
                 try Environment.int("LEDGER_RETENTION_S", flag: retentionSeconds, default: 86_400, range: 1...(3_650 * 86_400))),

@@ -76,6 +76,9 @@ extension LedgerCommand {
 
         @OptionGroup var retention: RetentionFlags
 
+        @Option(name: .customLong("purge-interval-s"), help: "Seconds between background purges of stored responses past their retention (env: LEDGER_PURGE_INTERVAL_S; default: 60).")
+        var purgeIntervalSeconds: Int?
+
         @Option(name: .customLong("shutdown-grace-s"), help: "On SIGTERM/SIGINT, seconds in-flight requests get to finish before they are cancelled (env: LEDGER_SHUTDOWN_GRACE_S; default: 25).")
         var shutdownGraceSeconds: Int?
 
@@ -117,7 +120,7 @@ extension LedgerCommand {
                     authCacheTTL: .milliseconds(
                         try Environment.int(
                             "LEDGER_AUTH_CACHE_TTL_MS", flag: authCacheTTLMilliseconds, default: 30_000, range: 0...3_600_000))),
-                retention: try retention.options(),
+                retention: try retention.options(purgeIntervalSeconds: purgeIntervalSeconds),
                 migrateAtStart: !(noMigrate || Environment.bool("LEDGER_NO_MIGRATE")),
                 migrationsDirectory: sqlDirectory ?? Environment.string("LEDGER_SQL_DIR")
             )

@@ -25,3 +25,16 @@ def test_ledger_purge_deletes_expired_stored_responses_only(scratch_db, start_se
     lt.assert_replay_of(old, again)
     assert api.balance(account) == 80
     assert lt.verify(scratch_db).returncode == 0
+
+
+def test_purge_help_shows_its_own_flags_only():
+    """`ledger purge` runs once: it takes the retention and batch size, not the background interval of `serve`."""
+    purge = lt.run_ledger(["purge", "--help"])
+    assert purge.returncode == 0, purge.stderr
+    for flag in ["--retention-s", "LEDGER_RETENTION_S", "--purge-batch-size", "LEDGER_PURGE_BATCH_SIZE"]:
+        assert flag in purge.stdout, f"`ledger purge --help` must list {flag}:\n{purge.stdout}"
+    assert "--purge-interval-s" not in purge.stdout, purge.stdout
+    refused = lt.run_ledger(["purge", "--purge-interval-s", "5"])
+    assert refused.returncode != 0 and "purge-interval-s" in refused.stderr, refused.stderr
+    serve = lt.run_ledger(["serve", "--help"])
+    assert "--purge-interval-s" in serve.stdout and "LEDGER_PURGE_INTERVAL_S" in serve.stdout, serve.stdout
