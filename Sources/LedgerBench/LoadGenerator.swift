@@ -11,10 +11,16 @@ import NIOPosix
 /// - `hot`: every transfer moves money between the same 2 accounts, either way;
 /// - `replays`: the keys of transfers made beforehand, sent again with the same bodies (each answer must be a replay);
 /// - `mixed`: `transfers` with 10 % of requests replaying a key the same connection used before;
-/// - `batch`: POST /v1/transfers/batch with `batchSize` transfers between random pairs each, atomic.
+/// - `batch`: POST /v1/transfers/batch with `batchSize` transfers between random pairs each, atomic;
+/// - `batch-disjoint`: as `batch`, but each connection draws its pairs from a slice of the accounts of its own, so no
+///   two connections' batches share an account (payout runs of different merchants): what batches cost when they
+///   need not wait for each other's row locks.
 public struct LoadGenerator: Sendable {
     public enum Workload: String, Sendable, CaseIterable {
         case transfers, hot, replays, mixed, batch
+        case batchDisjoint = "batch-disjoint"
+
+        var isBatch: Bool { self == .batch || self == .batchDisjoint }
     }
 
     public struct Options: Sendable {
@@ -39,6 +45,7 @@ public struct LoadGenerator: Sendable {
             runID: String = UUID().uuidString
         ) {
             precondition(connections >= 1 && accounts >= 2, "need a connection and two accounts")
+            precondition(workload != .batchDisjoint || accounts >= 2 * connections, "each connection needs two accounts of its own")
             precondition((1...1_000).contains(batchSize), "a batch holds 1 to 1000 transfers")
             self.batchSize = batchSize
             self.host = host
@@ -57,7 +64,7 @@ public struct LoadGenerator: Sendable {
         public var connections: Int
         public var seconds: Double
         public var requests: Int
-        /// Transfers the requests asked for: `requests` times the batch size for `batch`, else `requests`.
+        /// Transfers the requests asked for: `requests` times the batch size for the batch workloads, else `requests`.
         public var transfers: Int
         public var errors: [Int: Int]
         public var replays: Int
@@ -158,7 +165,7 @@ public struct LoadGenerator: Sendable {
         return Report(
             workload: options.workload, connections: options.connections,
             seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18,
-            requests: requests, transfers: options.workload == .batch ? requests * options.batchSize : requests,
+            requests: requests, transfers: options.workload.isBatch ? requests * options.batchSize : requests,
             errors: errors, replays: replays,
             p50Milliseconds: ms(histogram.valueAtPercentile(50)), p99Milliseconds: ms(histogram.valueAtPercentile(99)),
             p999Milliseconds: ms(histogram.valueAtPercentile(99.9)), maxMilliseconds: ms(histogram.max))
@@ -190,7 +197,11 @@ public struct LoadGenerator: Sendable {
         var sequence = 0
         // Batch bodies are made once per connection and sent under new keys: building 1,000 random transfers per
         // request would take CPU from the service and the database it measures.
-        let batchBodies = options.workload == .batch ? (0..<8).map { _ in batchBody(using: &generator) } : []
+        let batchAccounts = options.workload == .batchDisjoint
+            ? (index * options.accounts / options.connections)..<((index + 1) * options.accounts / options.connections)
+            : 0..<options.accounts
+        let batchBodies = options.workload.isBatch
+            ? (0..<8).map { _ in batchBody(accounts: batchAccounts, using: &generator) } : []
         while ContinuousClock.now < deadline {
             let request: BenchConnection.Request
             let expectReplay: Bool
@@ -198,7 +209,7 @@ public struct LoadGenerator: Sendable {
             case .replays:
                 request = replayPool[sequence % replayPool.count]
                 expectReplay = true
-            case .batch:
+            case .batch, .batchDisjoint:
                 request = BenchConnection.request(
                     method: .POST, path: "/v1/transfers/batch", host: host,
                     headers: headers(key: "bench-\(options.runID)-\(index)-\(sequence)"),
@@ -232,28 +243,28 @@ public struct LoadGenerator: Sendable {
         BenchConnection.request(
             method: .POST, path: "/v1/transfers", host: host,
             headers: headers(key: "bench-\(options.runID)-\(lane)-\(sequence)"),
-            body: transferBody(using: &generator))
+            body: transferBody(accounts: 0..<options.accounts, using: &generator))
     }
 
-    /// `{"from":...,"to":...,"amount":1,"currency":"USD"}` between the hot pair or two random accounts.
-    private func transferBody(using generator: inout SystemRandomNumberGenerator) -> String {
+    /// `{"from":...,"to":...,"amount":1,"currency":"USD"}` between the hot pair or two random accounts of `accounts`.
+    private func transferBody(accounts: Range<Int>, using generator: inout SystemRandomNumberGenerator) -> String {
         let from: String
         let to: String
         if options.workload == .hot {
             let flip = Bool.random(using: &generator)
             (from, to) = flip ? (Self.hotAccounts[0], Self.hotAccounts[1]) : (Self.hotAccounts[1], Self.hotAccounts[0])
         } else {
-            let a = Int.random(in: 0..<options.accounts, using: &generator)
-            var b = Int.random(in: 0..<(options.accounts - 1), using: &generator)
+            let a = Int.random(in: accounts, using: &generator)
+            var b = Int.random(in: accounts.lowerBound..<(accounts.upperBound - 1), using: &generator)
             if b >= a { b += 1 }
             (from, to) = ("bench-\(a)", "bench-\(b)")
         }
         return #"{"from":"\#(from)","to":"\#(to)","amount":1,"currency":"USD"}"#
     }
 
-    /// `{"atomic":true,"transfers":[...]}` with `batchSize` random transfers.
-    private func batchBody(using generator: inout SystemRandomNumberGenerator) -> String {
-        let items = (0..<options.batchSize).map { _ in transferBody(using: &generator) }
+    /// `{"atomic":true,"transfers":[...]}` with `batchSize` random transfers between accounts of `accounts`.
+    private func batchBody(accounts: Range<Int>, using generator: inout SystemRandomNumberGenerator) -> String {
+        let items = (0..<options.batchSize).map { _ in transferBody(accounts: accounts, using: &generator) }
         return #"{"atomic":true,"transfers":["# + items.joined(separator: ",") + "]}"
     }
 

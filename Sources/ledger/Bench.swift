@@ -15,7 +15,7 @@ extension LedgerCommand {
         @Option(name: .customLong("token"), help: "Bearer token (env: LEDGER_TOKEN).")
         var token: String?
 
-        @Option(name: .customLong("workload"), help: "transfers, hot, replays, mixed or batch (default: transfers).")
+        @Option(name: .customLong("workload"), help: "transfers, hot, replays, mixed, batch or batch-disjoint (default: transfers).")
         var workload: String = "transfers"
 
         @Option(name: .customLong("connections"), help: "Concurrent connections, one request in flight each (default: 16).")
@@ -24,7 +24,7 @@ extension LedgerCommand {
         @Option(name: .customLong("duration-s"), help: "Seconds of measured load (default: 10).")
         var durationSeconds: Int = 10
 
-        @Option(name: .customLong("accounts"), help: "Funded accounts for transfers and mixed (default: 10000).")
+        @Option(name: .customLong("accounts"), help: "Funded accounts for transfers, mixed and the batch workloads (default: 10000).")
         var accounts: Int = 10_000
 
         @Option(name: .customLong("batch-size"), help: "Transfers per request of the batch workload, 1 to 1000 (default: 1000).")
@@ -35,7 +35,10 @@ extension LedgerCommand {
 
         func validate() throws {
             guard LoadGenerator.Workload(rawValue: workload) != nil else {
-                throw ValidationError("workload must be one of transfers, hot, replays, mixed, batch")
+                throw ValidationError("workload must be one of transfers, hot, replays, mixed, batch, batch-disjoint")
+            }
+            guard workload != "batch-disjoint" || accounts >= 2 * connections else {
+                throw ValidationError("batch-disjoint gives each connection accounts of its own: accounts must be at least 2 x connections")
             }
             guard (1...1_000).contains(batchSize) else { throw ValidationError("batch-size 1...1000") }
             guard (1...4_096).contains(connections), (1...3_600).contains(durationSeconds), (2...1_000_000).contains(accounts) else {

@@ -15,7 +15,7 @@ def bench_token(main_db):
     return lt.create_token(main_db, "bench")
 
 
-@pytest.mark.parametrize("workload", ["transfers", "hot", "replays", "mixed", "batch"])
+@pytest.mark.parametrize("workload", ["transfers", "hot", "replays", "mixed", "batch", "batch-disjoint"])
 def test_bench_workload_runs_without_errors(server, bench_token, workload):
     proc = lt.run_ledger(["bench", "--url", server.base, "--token", bench_token, "--workload", workload,
                           "--connections", "4", "--duration-s", "1", "--accounts", "20", "--batch-size", "10"],
@@ -31,6 +31,26 @@ def test_bench_workload_runs_without_errors(server, bench_token, workload):
         assert name in fields, line
     if workload == "replays":
         assert fields["replays"] == fields["requests"], line
+
+
+def test_bench_batch_disjoint_connections_share_no_account(server, main_db):
+    """`batch-disjoint` measures batches that need not wait for each other's row locks: each connection keeps to
+    accounts of its own. Its keys name the connection (`bench-<run>-<connection>-<sequence>`)."""
+    client = "bench-disjoint." + lt.uid()
+    token = lt.create_token(main_db, client)
+    proc = lt.run_ledger(["bench", "--url", server.base, "--token", token, "--workload", "batch-disjoint",
+                          "--connections", "4", "--duration-s", "1", "--accounts", "40", "--batch-size", "50"],
+                         timeout=120)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    per_connection = f"""
+        SELECT substring(t.idempotency_key FROM '-([0-9]+)-[0-9]+$') AS connection, a.account
+        FROM ledger.transfers t, LATERAL (VALUES (t.from_account), (t.to_account)) AS a(account)
+        WHERE t.client_id = {lt.sql_literal(client)} AND t.batch_item > 0"""
+    connections = lt.psql(main_db, f"SELECT count(DISTINCT connection) FROM ({per_connection}) x")
+    assert int(connections) == 4, f"expected batches from 4 connections, got {connections}"
+    shared = lt.psql(main_db, f"SELECT count(*) FROM (SELECT account FROM ({per_connection}) x "
+                              "GROUP BY account HAVING count(DISTINCT connection) > 1) s")
+    assert shared == "0", f"{shared} accounts were used by more than one connection"
 
 
 def test_bench_refuses_a_bad_workload(server, bench_token):
