@@ -65,9 +65,11 @@ public struct LedgerAPI: HTTPResponder {
             }
         }
 
-        /// nil for an unknown path. Segments are still percent-encoded.
+        /// nil for an unknown path. Segments are still percent-encoded. An empty id (`/v1/accounts/`,
+        /// `/v1/transfers/`) names no resource: the path is unknown, not a malformed id.
         static func match(_ path: String) -> Route? {
             let segments = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst().map(String.init)
+            if segments.count >= 3 && segments[2].isEmpty { return nil }
             switch segments.count {
             case 1 where segments[0] == "health": return .health
             case 1 where segments[0] == "metrics": return .metrics

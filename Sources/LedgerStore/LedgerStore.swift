@@ -182,8 +182,10 @@ public struct LedgerStore: Sendable {
 
     /// The transfer's JSON, or nil when the client has no such transfer.
     public func transfer(client: String, id: String) async throws -> String? {
-        // Ids are decimal integers; anything else cannot name a transfer.
-        guard id.utf8.count <= 19, id.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), let number = Int64(id) else {
+        // Ids are decimal integers as the API writes them: anything else, such as `01` for `1`, names no transfer.
+        guard id.utf8.count <= 19, id.utf8.first != UInt8(ascii: "0"), id.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
+            let number = Int64(id)
+        else {
             return nil
         }
         let rows = try await pool.query(

@@ -87,7 +87,10 @@ public struct Migrator: Sendable {
             let marker = candidate.appendingPathComponent("0001_init.sql").path
             if FileManager.default.fileExists(atPath: marker) { return candidate }
         }
-        throw Failure.directoryNotFound(searched: candidates.map(\.path))
+        // The working directory is often the executable's, and "/" is its own parent: name each place once.
+        var searched: [String] = []
+        for path in candidates.map(\.path) where !searched.contains(path) { searched.append(path) }
+        throw Failure.directoryNotFound(searched: searched)
     }
 
     /// Applies pending migrations; returns the names applied now (empty when up to date).

@@ -27,6 +27,13 @@ def allow_set(r):
         ("POST", "/v1/credits/1"),
         ("GET", "/v2/accounts/alice"),
         ("GET", "/v1"),
+        # An empty id names nothing: the path is unknown, not an id to validate.
+        ("GET", "/v1/accounts/"),
+        ("PUT", "/v1/accounts/"),
+        ("GET", "/v1/accounts//entries"),
+        ("GET", "/v1/transfers/"),
+        ("POST", "/v1/transfers/"),
+        ("POST", "/v1/credits/"),
     ],
 )
 def test_unknown_route_is_404_not_found(api_a, method, path):

@@ -76,6 +76,14 @@ def test_unknown_transfer_is_404(api_a, transfer_id):
     lt.assert_problem(api_a.get_transfer(transfer_id), 404, "transfer-not-found")
 
 
+def test_a_transfer_has_one_id_only(api_a):
+    """The id is a string: `01` or `+1` for transfer `1` is another string, naming no transfer."""
+    transfer = lt.assert_json(api_a.credit(api_a.new_account(), 1), 201)
+    assert lt.assert_json(api_a.get_transfer(transfer["id"]), 200) == transfer
+    for alias in ["0" + transfer["id"], "00" + transfer["id"], "+" + transfer["id"], transfer["id"] + ".0"]:
+        lt.assert_problem(api_a.get_transfer(alias), 404, "transfer-not-found")
+
+
 def test_allow_negative_account_may_go_below_zero(api_a):
     account = api_a.new_account(allow_negative=True)
     lt.assert_first(api_a.debit(account, 500), 201)
