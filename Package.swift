@@ -50,7 +50,7 @@ let package = Package(
         // The domain: request decoding and validation, idempotency keys, problem codes. No I/O.
         .target(
             name: "LedgerCore",
-            dependencies: [],
+            dependencies: [.product(name: "Crypto", package: "swift-crypto")],
             swiftSettings: swiftSettings
         ),
         // The ledger's SQL: migrations, the transfer function call, tokens, verify.

@@ -1,3 +1,5 @@
+import Crypto
+
 /// Paging through an account's entries, newest first.
 ///
 /// An entry's position is the account `version` its balance change produced: versions only grow, so "entries with a
@@ -10,8 +12,11 @@ public struct EntriesPage: Sendable, Equatable {
     /// Return entries whose version is below this; nil for the newest.
     public var beforeVersion: Int64?
 
-    /// Reads `limit` and `cursor` from the query string values.
-    public static func parse(account: String, limit: String?, cursor: String?) -> Result<EntriesPage, Problem> {
+    /// Reads `limit` and `cursor` from the query string values; the cursor must be one `key` issued for this
+    /// client's `account`.
+    public static func parse(
+        client: String, account: String, limit: String?, cursor: String?, key: CursorKey
+    ) -> Result<EntriesPage, Problem> {
         var pageLimit = limitDefault
         if let limit {
             guard limit.utf8.count <= 4, limit.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), let value = Int(limit),
@@ -23,48 +28,63 @@ public struct EntriesPage: Sendable, Equatable {
         }
         var before: Int64?
         if let cursor {
-            guard let version = Cursor.decode(cursor, account: account) else { return .failure(.invalidCursor) }
+            guard let version = key.decode(cursor, client: client, account: account) else { return .failure(.invalidCursor) }
             before = version
         }
         return .success(EntriesPage(limit: pageLimit, beforeVersion: before))
     }
 }
 
-/// The opaque cursor: base64url of `e1:<account>:<version>:<check>`, where `check` is a 64-bit FNV-1a hash of the
-/// rest. Naming the account means a cursor issued for one account is refused on another; the check means an edited
-/// or made-up cursor is refused rather than silently read as another position. It is not a secret: a client can only
-/// ever page through its own accounts.
-public enum Cursor {
-    public static func encode(account: String, beforeVersion: Int64) -> String {
-        let payload = "e1:\(account):\(beforeVersion)"
-        return base64URLEncode(Array("\(payload):\(String(check(payload), radix: 16))".utf8))
+/// Signs and checks the opaque cursors: base64url of `e2:<version>:<mac>`, where `mac` is the first 16 bytes (hex)
+/// of HMAC-SHA-256 over the client, the account and `e2:<version>`, under the service's cursor key (made at
+/// migration, read from the database by every replica). A cursor this service did not issue, or issued for another
+/// account or client, is refused rather than read as a position: the position is not secret (a client only ever
+/// pages its own accounts), but a made-up one must not pass for ours.
+public struct CursorKey: Sendable {
+    private let key: SymmetricKey
+
+    public init(bytes: [UInt8]) {
+        precondition(bytes.count == 32, "a cursor key is 32 bytes")
+        self.key = SymmetricKey(data: bytes)
     }
 
-    public static func decode(_ cursor: String, account: String) -> Int64? {
-        guard cursor.utf8.count <= 200, let bytes = base64URLDecode(cursor) else { return nil }
-        let text = String(decoding: bytes, as: UTF8.self)
-        let prefix = "e1:\(account):"
-        guard text.hasPrefix(prefix) else { return nil }
-        let parts = text.dropFirst(prefix.count).split(separator: ":", omittingEmptySubsequences: false)
-        guard parts.count == 2, parts[0].utf8.count <= 19, parts[0].utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
-            let version = Int64(parts[0]), version >= 1, encode(account: account, beforeVersion: version) == cursor
+    public func encode(client: String, account: String, beforeVersion: Int64) -> String {
+        let payload = "e2:\(beforeVersion)"
+        return Base64URL.encode(Array("\(payload):\(mac(client: client, account: account, payload: payload))".utf8))
+    }
+
+    public func decode(_ cursor: String, client: String, account: String) -> Int64? {
+        guard cursor.utf8.count <= 200, let bytes = Base64URL.decode(cursor) else { return nil }
+        let parts = String(decoding: bytes, as: UTF8.self).split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 3, parts[0] == "e2", parts[1].utf8.count <= 19,
+            parts[1].utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), let version = Int64(parts[1]), version >= 1
         else { return nil }
-        return version
+        // The cursor must be exactly what this key issues for this position (one base64url spelling, one MAC),
+        // compared in constant time.
+        let expected = Array(encode(client: client, account: account, beforeVersion: version).utf8)
+        let given = Array(cursor.utf8)
+        guard expected.count == given.count else { return nil }
+        var difference: UInt8 = 0
+        for (a, b) in zip(expected, given) { difference |= a ^ b }
+        return difference == 0 ? version : nil
     }
 
-    /// FNV-1a, 64 bit.
-    static func check(_ text: String) -> UInt64 {
-        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
-        for byte in text.utf8 {
-            hash ^= UInt64(byte)
-            hash &*= 0x0000_0100_0000_01B3
-        }
-        return hash
+    private func mac(client: String, account: String, payload: String) -> String {
+        // NUL separates the fields: neither client names nor account ids can contain it.
+        let message = Array("\(client)\u{0}\(account)\u{0}\(payload)".utf8)
+        let code = HMAC<SHA256>.authenticationCode(for: message, using: key)
+        return code.prefix(16).map { byte in
+            let hex = String(byte, radix: 16)
+            return byte < 16 ? "0" + hex : hex
+        }.joined()
     }
+}
 
+/// base64url without padding (RFC 4648 section 5), for cursors.
+enum Base64URL {
     private static let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8)
 
-    static func base64URLEncode(_ bytes: [UInt8]) -> String {
+    static func encode(_ bytes: [UInt8]) -> String {
         var output: [UInt8] = []
         var index = 0
         while index < bytes.count {
@@ -80,7 +100,7 @@ public enum Cursor {
         return String(decoding: output, as: UTF8.self)
     }
 
-    static func base64URLDecode(_ text: String) -> [UInt8]? {
+    static func decode(_ text: String) -> [UInt8]? {
         var values: [UInt32] = []
         for byte in text.utf8 {
             guard let position = alphabet.firstIndex(of: byte) else { return nil }

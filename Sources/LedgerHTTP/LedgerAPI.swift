@@ -182,7 +182,8 @@ public struct LedgerAPI: HTTPResponder {
             let id = try accountID(fromPathSegment: rawID)
             let query = request.uri.queryParameters
             let page = try EntriesPage.parse(
-                account: id, limit: query["limit"].map(String.init), cursor: query["cursor"].map(String.init)
+                client: client, account: id, limit: query["limit"].map(String.init),
+                cursor: query["cursor"].map(String.init), key: try await store.cursorKey()
             ).get()
             guard let json = try await store.entries(client: client, account: id, page: page) else {
                 throw Problem.accountNotFound(id)

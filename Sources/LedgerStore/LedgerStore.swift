@@ -3,6 +3,7 @@ import Foundation
 import LedgerCore
 import Logging
 import PostgresClient
+import Synchronization
 
 /// The ledger's operations, each one call of a SQL function in sql/ (one round trip, one transaction).
 ///
@@ -49,12 +50,14 @@ public struct LedgerStore: Sendable {
     let logger: Logger
     private let batcher: TransferBatcher?
     private let replayCache: ReplayCache?
+    private let cursorKeyCache: CursorKeyCache
 
     public init(pool: PostgresPool, options: Options = Options(), logger: Logger) {
         self.pool = pool
         self.options = options
         self.logger = logger
         self.batcher = nil
+        self.cursorKeyCache = CursorKeyCache()
         self.replayCache = options.replayCacheBytesMax > 0 ? ReplayCache(bytesMax: options.replayCacheBytesMax) : nil
     }
 
@@ -63,6 +66,7 @@ public struct LedgerStore: Sendable {
         self.options = store.options
         self.logger = store.logger
         self.replayCache = store.replayCache
+        self.cursorKeyCache = store.cursorKeyCache
         self.batcher =
             store.options.batchMax > 1
             ? TransferBatcher(
@@ -236,9 +240,23 @@ public struct LedgerStore: Sendable {
         let entries = try row.decode(String.self, "entries_json")
         var cursor = "null"
         if try row.decode(Bool.self, "has_more"), let last = try row.decodeIfPresent(Int64.self, "last_version") {
-            cursor = JSONValue.quoted(Cursor.encode(account: account, beforeVersion: last))
+            let key = try await cursorKey()
+            cursor = JSONValue.quoted(key.encode(client: client, account: account, beforeVersion: last))
         }
         return "{\"entries\":\(entries),\"next_cursor\":\(cursor)}"
+    }
+
+    /// The key that signs entries-page cursors (`ledger.service_keys`, made by `sql/0006_cursor_key.sql`): the
+    /// same for every replica of one database. Read once, then kept for the life of the process.
+    public func cursorKey() async throws -> CursorKey {
+        if let key = cursorKeyCache.key.withLock({ $0 }) { return key }
+        let rows = try await pool.query("SELECT key FROM ledger.service_keys WHERE name = 'cursor'")
+        guard let row = rows.first else {
+            throw PostgresError(code: .unexpected, message: "ledger.service_keys holds no cursor key: run ledger migrate")
+        }
+        let key = CursorKey(bytes: Array(try row.decode(Data.self, "key")))
+        cursorKeyCache.key.withLock { $0 = key }
+        return key
     }
 
     // MARK: Clients and tokens
@@ -335,4 +353,9 @@ extension LedgerStore {
         }
         return total
     }
+}
+
+/// Shared by a store and its batching copy: the cursor key, once read.
+final class CursorKeyCache: Sendable {
+    let key = Mutex<CursorKey?>(nil)
 }

@@ -1,4 +1,4 @@
-import LedgerCore
+@testable import LedgerCore
 import Testing
 
 @Suite("Request decoding and validation")
@@ -156,34 +156,64 @@ struct IdempotencyKeyTests {
 
 @Suite("Entries paging")
 struct EntriesPageTests {
+    let key = CursorKey(bytes: Array(repeating: 7, count: 32))
+
+    func parse(client: String = "acme", account: String = "a", limit: String? = nil, cursor: String? = nil)
+        -> Result<EntriesPage, Problem>
+    {
+        EntriesPage.parse(client: client, account: account, limit: limit, cursor: cursor, key: key)
+    }
+
+    func refused(_ result: Result<EntriesPage, Problem>) -> String? {
+        guard case .failure(let problem) = result else { return nil }
+        return problem.code
+    }
+
     @Test("limit is 1...500, default 50")
     func limits() throws {
-        #expect(try EntriesPage.parse(account: "a", limit: nil, cursor: nil).get().limit == 50)
-        #expect(try EntriesPage.parse(account: "a", limit: "500", cursor: nil).get().limit == 500)
+        #expect(try parse().get().limit == 50)
+        #expect(try parse(limit: "500").get().limit == 500)
         for bad in ["0", "501", "-1", "abc", "", "1.5", "99999999999999999999"] {
-            guard case .failure(let problem) = EntriesPage.parse(account: "a", limit: bad, cursor: nil) else {
-                Issue.record("limit \(bad) accepted")
-                continue
-            }
-            #expect(problem.code == "invalid-limit")
+            #expect(refused(parse(limit: bad)) == "invalid-limit", "limit \(bad)")
         }
     }
 
-    @Test("cursors round-trip and are refused on another account or when forged")
+    @Test("a cursor round-trips for its client and account only")
     func cursors() throws {
-        let cursor = Cursor.encode(account: "alice", beforeVersion: 42)
-        #expect(try EntriesPage.parse(account: "alice", limit: nil, cursor: cursor).get().beforeVersion == 42)
-        for bad in [cursor + "x", "garbage", "", "e1:alice:42", Cursor.encode(account: "alice", beforeVersion: 0)] {
-            guard case .failure(let problem) = EntriesPage.parse(account: "alice", limit: nil, cursor: bad) else {
-                Issue.record("cursor \(bad) accepted")
-                continue
-            }
-            #expect(problem.code == "invalid-cursor")
+        let cursor = key.encode(client: "acme", account: "alice", beforeVersion: 42)
+        #expect(try parse(account: "alice", cursor: cursor).get().beforeVersion == 42)
+        #expect(refused(parse(account: "bob", cursor: cursor)) == "invalid-cursor", "another account")
+        #expect(refused(parse(client: "other", account: "alice", cursor: cursor)) == "invalid-cursor", "another client")
+        let otherKey = CursorKey(bytes: Array(repeating: 8, count: 32))
+        let foreign = otherKey.encode(client: "acme", account: "alice", beforeVersion: 42)
+        #expect(refused(parse(account: "alice", cursor: foreign)) == "invalid-cursor", "another database's key")
+    }
+
+    @Test("a cursor the key did not issue is refused, however well-formed")
+    func madeUpCursors() throws {
+        let issued = key.encode(client: "acme", account: "alice", beforeVersion: 42)
+        let text = String(decoding: Base64URL.decode(issued)!, as: UTF8.self)
+        let mac = text.split(separator: ":").last!
+        // The same MAC on another position, the scheme before signing (an unkeyed check), edits and junk.
+        let made = [
+            Base64URL.encode(Array("e2:41:\(mac)".utf8)),
+            Base64URL.encode(Array("e1:alice:42:\(String(Self.fnv1a("e1:alice:42"), radix: 16))".utf8)),
+            Base64URL.encode(Array("e2:42:".utf8)), Base64URL.encode(Array("e2:0:\(mac)".utf8)),
+            issued + "x", String(issued.dropLast()), "garbage", "", "e2:42:\(mac)",
+            key.encode(client: "acme", account: "alice", beforeVersion: 0),
+        ]
+        for cursor in made {
+            #expect(refused(parse(account: "alice", cursor: cursor)) == "invalid-cursor", "cursor \(cursor)")
         }
-        guard case .failure = EntriesPage.parse(account: "bob", limit: nil, cursor: cursor) else {
-            Issue.record("a cursor of alice was accepted for bob")
-            return
+    }
+
+    static func fnv1a(_ text: String) -> UInt64 {
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in text.utf8 {
+            hash ^= UInt64(byte)
+            hash &*= 0x0000_0100_0000_01B3
         }
+        return hash
     }
 }
 

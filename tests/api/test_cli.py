@@ -35,6 +35,24 @@ def test_migrate_creates_schema_and_is_repeatable(scratch_db):
     assert proc.returncode == 0, output(proc)
 
 
+def test_migrate_makes_each_database_its_own_cursor_key_once(scratch_db):
+    """Entries-page cursors are signed with a key made at migration: 32 random bytes, kept by later migrations."""
+    def cursor_key(db):
+        return lt.psql(db, "SELECT encode(key, 'hex') FROM ledger.service_keys WHERE name = 'cursor'")
+
+    lt.migrate(scratch_db)
+    key = cursor_key(scratch_db)
+    assert len(key) == 64, key
+    lt.migrate(scratch_db)
+    assert cursor_key(scratch_db) == key
+    other = lt.create_database("ledger_api_scratch")
+    try:
+        lt.migrate(other)
+        assert cursor_key(other) not in ("", key)
+    finally:
+        lt.drop_database(other)
+
+
 def test_migrate_from_several_processes_at_once(scratch_db):
     with ThreadPoolExecutor(4) as pool:
         procs = list(pool.map(lambda _: lt.run_ledger(["migrate"], scratch_db), range(4)))

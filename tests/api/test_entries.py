@@ -185,6 +185,57 @@ def test_cursor_from_another_account_is_invalid(api_a):
         lt.assert_problem(r, 400, "invalid-cursor")
 
 
+def fnv1a64(text: str) -> int:
+    value = 0xCBF29CE484222325
+    for byte in text.encode():
+        value = ((value ^ byte) * 0x100000001B3) % (1 << 64)
+    return value
+
+
+def b64url(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def test_made_up_cursor_is_invalid(api_a):
+    """A cursor the service did not issue is refused even when it is well-formed: the same signature on another
+    position, or the unkeyed form of earlier versions (`e1:<account>:<version>:<fnv-1a>`, computable by anyone)."""
+    account = api_a.new_account()
+    for _ in range(5):
+        lt.assert_first(api_a.credit(account, 1))
+    issued = page(api_a, account, limit=1)["next_cursor"]
+    kind, version, mac = base64.urlsafe_b64decode(issued + "=" * (-len(issued) % 4)).decode().split(":")
+    assert (kind, version) == ("e2", "5")
+    payload = f"e1:{account}:4"
+    for cursor in [b64url(f"e2:4:{mac}"), b64url(f"{payload}:{fnv1a64(payload):x}"), b64url("e2:5:" + "0" * 32)]:
+        r = api_a.request("GET", f"/v1/accounts/{account}/entries", params={"cursor": cursor})
+        lt.assert_problem(r, 400, "invalid-cursor")
+
+
+def test_cursor_of_another_client_is_invalid(api_a, api_b):
+    """Two clients may each have an account of the same id; a cursor is one client's."""
+    account = lt.uid("shared-name-")
+    for api in (api_a, api_b):
+        lt.assert_json(api.put_account(account), 201)
+        for _ in range(3):
+            lt.assert_first(api.credit(account, 1))
+    cursor = page(api_a, account, limit=1)["next_cursor"]
+    assert len(page(api_a, account, cursor=cursor)["entries"]) == 2
+    r = api_b.request("GET", f"/v1/accounts/{account}/entries", params={"cursor": cursor})
+    lt.assert_problem(r, 400, "invalid-cursor")
+
+
+def test_cursor_of_one_replica_pages_on_another(api_a, second_server):
+    """Every replica signs with the key kept in the database: a client may follow a cursor through any of them."""
+    account = api_a.new_account()
+    for _ in range(4):
+        lt.assert_first(api_a.credit(account, 1))
+    first = page(api_a, account, limit=2)
+    other = api_a.clone(second_server.base)
+    rest = page(other, account, limit=2, cursor=first["next_cursor"])
+    assert [e["balance_after"] for e in first["entries"] + rest["entries"]] == [4, 3, 2, 1]
+    assert page(api_a, account, limit=2, cursor=first["next_cursor"]) == rest
+
+
 def test_entries_of_unknown_account_is_404(api_a):
     lt.assert_problem(api_a.entries(lt.uid("nobody-")), 404, "account-not-found")
 
