@@ -24,7 +24,7 @@ final class Authenticator: Sendable {
         guard let header else { return nil }
         let parts = header.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: true)
         guard parts.count == 2, parts[0].lowercased() == "bearer" else { return nil }
-        let token = parts[1].trimmingCharacters(in: .whitespaces)
+        let token = String(parts[1].trimmingOWS)
         guard !token.isEmpty, token.utf8.count <= 512 else { return nil }
         return token
     }

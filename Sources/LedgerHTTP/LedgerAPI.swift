@@ -295,7 +295,7 @@ public struct LedgerAPI: HTTPResponder {
     private func checkContentType(_ request: Request) throws {
         guard let contentType = request.headers[.contentType] else { return }
         let mediaType = contentType.split(separator: ";", maxSplits: 1).first
-            .map { $0.trimmingCharacters(in: .whitespaces).lowercased() } ?? ""
+            .map { $0.trimmingOWS.lowercased() } ?? ""
         let accepted =
             mediaType == "application/json" || mediaType == "application/x-www-form-urlencoded"
             || (mediaType.hasPrefix("application/") && mediaType.hasSuffix("+json"))

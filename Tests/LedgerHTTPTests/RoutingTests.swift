@@ -23,7 +23,7 @@ struct RoutingTests {
         "unknown paths",
         arguments: [
             "/", "", "/v1", "/v1/", "/v1/credits/", "/v1/credit", "/health/", "/v1/accounts", "/v1/accounts/a/entries/x",
-            "/v2/credits", "/V1/credits", "/v1/accounts/a/b",
+            "/v2/credits", "/V1/credits", "/v1/accounts/a/b", "/v1/accounts/", "/v1/transfers/", "/v1/accounts//entries",
         ])
     func unmatched(path: String) {
         #expect(Route.match(path) == nil)
@@ -47,6 +47,18 @@ struct RoutingTests {
         #expect(Authenticator.bearerToken("Bearer ") == nil)
         #expect(Authenticator.bearerToken(nil) == nil)
         #expect(Authenticator.bearerToken("Bearer " + String(repeating: "a", count: 513)) == nil)
+        #expect(Authenticator.bearerToken("Bearer abc \t") == "abc")
+        #expect(Authenticator.bearerToken("Bearer  \t ") == nil)
+    }
+
+    @Test("header values lose spaces and tabs at both ends only")
+    func optionalWhitespace() {
+        #expect(" \t a b \t".trimmingOWS == "a b")
+        #expect("é ".trimmingOWS == "é")
+        #expect(" ünï".trimmingOWS == "ünï")
+        #expect("".trimmingOWS == "")
+        #expect(" \t ".trimmingOWS == "")
+        #expect("application/json".trimmingOWS == "application/json")
     }
 
     @Test("a client's X-Request-Id is kept when sane, replaced otherwise")
