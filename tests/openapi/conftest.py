@@ -3,41 +3,46 @@
 Needs `LEDGER_BIN` (the built `ledger` executable) and `LEDGER_TEST_PG` (an admin libpq conninfo without dbname, e.g.
 `host=127.0.0.1 port=55500 user=postgres`). The session creates a fresh database, migrates it, creates two clients
 with a token each, and starts one `ledger serve` on a free port of 127.0.0.1. Everything is torn down at the end.
+PostgreSQL, the `ledger` executable and HTTP go through the API tests' helpers (tests/api/ledgertest.py).
 """
 
 from __future__ import annotations
 
 import os
-import uuid
+import sys
+from pathlib import Path
 
 import pytest
 
-from openapi_support import LEDGER_BIN, PG_ADMIN, ledger, make_token, psql, start_server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "api"))
+import ledgertest as lt  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def database():
-    if not PG_ADMIN:
+    if not lt.PG_ADMIN:
         pytest.exit("LEDGER_TEST_PG is not set (an admin libpq conninfo without dbname)", 2)
-    if not os.path.exists(LEDGER_BIN):
-        pytest.exit(f"LEDGER_BIN {LEDGER_BIN} does not exist; build with `swift build`", 2)
-    name = f"ledger_openapi_{uuid.uuid4().hex[:12]}"
-    psql("postgres", f"CREATE DATABASE {name}")
-    url = f"{PG_ADMIN} dbname={name}"
-    proc = ledger(["migrate"], url)
-    assert proc.returncode == 0, f"ledger migrate failed: {proc.stdout}\n{proc.stderr}"
-    yield url
+    if not os.path.exists(lt.LEDGER_BIN):
+        pytest.exit(f"LEDGER_BIN {lt.LEDGER_BIN} does not exist; build with `swift build`", 2)
+    name = lt.create_database("ledger_openapi")
+    lt.migrate(name)
+    yield name
     if not os.environ.get("LEDGER_TEST_KEEP_DB"):
-        psql("postgres", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        lt.drop_database(name)
 
 
 @pytest.fixture(scope="session")
 def tokens(database):
-    return {"a": make_token(database, "openapi-a"), "b": make_token(database, "openapi-b")}
+    return {"a": lt.create_token(database, "openapi-a"), "b": lt.create_token(database, "openapi-b")}
 
 
 @pytest.fixture(scope="session")
 def server(database):
-    srv = start_server(database)
+    srv = lt.LedgerServer(database, ["--no-migrate"], env={"LOG_FORMAT": "text", "LOG_LEVEL": "info"})
+    try:
+        srv.wait_healthy(60)
+    except BaseException:
+        srv.stop()
+        raise
     yield srv
     srv.stop()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 
 import pytest
 import requests
@@ -24,10 +23,10 @@ from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from openapi_support import OPENAPI_PATH, REPO, free_port, start_server
+import ledgertest as lt  # on the path through conftest.py
+from ledgertest import AMOUNT_MAX, REPO, TIMEOUT, Api, uid
 
-TIMEOUT = 30
-AMOUNT_MAX = 9007199254740991
+OPENAPI_PATH = REPO / "Sources" / "LedgerHTTP" / "Resources" / "openapi.yaml"
 
 # The service's routes: the `label` of each case of `LedgerAPI.Route` with its `methods`.
 ROUTES = {
@@ -50,10 +49,6 @@ DOC_TEXT = OPENAPI_PATH.read_text(encoding="utf-8")
 DOC = yaml.safe_load(DOC_TEXT)
 DOC_URI = "urn:ledger:openapi"
 REGISTRY = Registry().with_resource(DOC_URI, DRAFT202012.create_resource(DOC))
-
-
-def uid(prefix: str = "") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:16]}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -254,27 +249,6 @@ def test_every_operation_documents_the_shared_failures():
 # The live service: routes
 
 
-class Api:
-    def __init__(self, base: str, token: str | None):
-        self.base = base
-        self.token = token
-
-    def request(self, method: str, path: str, *, body=None, data=None, headers=None, key=None, params=None, auth=True):
-        all_headers = {}
-        if auth and self.token:
-            all_headers["Authorization"] = f"Bearer {self.token}"
-        if key is not None:
-            all_headers["Idempotency-Key"] = key
-        if body is not None:
-            data = json.dumps(body).encode()
-        if data is not None:
-            all_headers.setdefault("Content-Type", "application/json")
-        all_headers.update(headers or {})
-        return requests.request(
-            method, self.base + path, data=data, headers=all_headers, params=params, timeout=TIMEOUT
-        )
-
-
 @pytest.fixture(scope="module")
 def api(server, tokens) -> Api:
     return Api(server.base, tokens["a"])
@@ -396,12 +370,12 @@ def test_body_too_large_on_every_v1_operation(api, accounts):
     for method, path in sorted(ROUTES):
         if path.startswith("/v1/"):
             data = big_batch if path == "/v1/transfers/batch" else big
-            response = api.request(method, concrete(path, accounts), data=data, key=uid())
+            response = api.request(method, concrete(path, accounts), raw=data, key=uid())
             assert problem_code(response) == "body-too-large", (method, path, response.text)
             check(method, path, response)
     # Exactly the limit is read (and then judged as JSON).
     at_limit = b"{" + b" " * (64 * 1024 - 2) + b"}"
-    response = api.request("PUT", "/v1/accounts/alice", data=at_limit)
+    response = api.request("PUT", "/v1/accounts/alice", raw=at_limit)
     assert problem_code(response) == "invalid-currency", response.text
 
 
@@ -437,7 +411,7 @@ def test_put_account(api):
         headers = {"Content-Type": content_type}
         response = api.request("PUT", f"/v1/accounts/{uid()}", body={"currency": "USD"}, headers=headers)
         assert response.status_code == 201, (content_type, response.text)
-    response = api.request("PUT", f"/v1/accounts/{uid()}", data=b'{"currency":"USD","currency":"USD"}')
+    response = api.request("PUT", f"/v1/accounts/{uid()}", raw=b'{"currency":"USD","currency":"USD"}')
     assert problem_code(response) == "invalid-json"
 
 
@@ -496,7 +470,7 @@ def test_post_success_and_replay(api, accounts):
         assert first.status_code == 201 and first.headers["Idempotent-Replayed"] == "false"
         assert re.fullmatch(r"[1-9][0-9]*", transfer["id"])
         # The sf-string form of the same key, members reordered: the same key and fingerprint, so a replay.
-        replay = api.request("POST", path, key=f'"{key}"', data=json.dumps(dict(reversed(list(body.items())))).encode())
+        replay = api.request("POST", path, key=f'"{key}"', raw=json.dumps(dict(reversed(list(body.items())))).encode())
         check("POST", path, replay)
         assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
         assert replay.content == first.content
@@ -549,7 +523,7 @@ def test_post_bad_requests(api, accounts):
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
             if key == "ok":
                 key = uid("bad-")
-            response = api.request("POST", path, key=key, data=data)
+            response = api.request("POST", path, key=key, raw=data)
             assert problem_code(response) == code, (path, key, body, response.text)
             check("POST", path, response)
     same = {"from": "alice", "to": "alice", "amount": 1, "currency": "USD"}
@@ -637,7 +611,7 @@ def test_idempotency_key_pattern_agrees_with_the_server(api):
     pattern = re.compile(resolve(DOC["components"]["parameters"]["IdempotencyKey"])["schema"]["pattern"])
     for value in IDEMPOTENCY_KEY_CORPUS:
         # `{}` passes the header check and then fails the body check: nothing is ever written.
-        response = api.request("POST", "/v1/credits", key=value, data=b"{}")
+        response = api.request("POST", "/v1/credits", key=value, raw=b"{}")
         accepted = problem_code(response) != "idempotency-key-invalid"
         assert accepted == bool(pattern.search(value)), (value, response.text)
 
@@ -653,9 +627,10 @@ def test_request_id_is_echoed_or_replaced(server):
 
 def test_database_unavailable(tokens):
     """A service whose database is unreachable: 503 with Retry-After on /health and on /v1; /metrics still works."""
-    dead = f"host=127.0.0.1 port={free_port()} user=postgres dbname=none connect_timeout=2"
-    srv = start_server(dead, ["--connect-timeout-s", "2"], wait_healthy=False)
+    dead = f"host=127.0.0.1 port={lt.free_port()} user=postgres dbname=none connect_timeout=2"
+    srv = lt.LedgerServer(None, ["--no-migrate", "--connect-timeout-s", "2"], url=dead)
     try:
+        srv.wait_healthy(60, answering_only=True)
         api = Api(srv.base, tokens["a"])
         health = requests.get(srv.base + "/health", timeout=TIMEOUT)
         assert problem_code(health) == "database-unavailable" and health.headers["Retry-After"].isdigit()
@@ -675,11 +650,11 @@ def test_metadata_numbers_are_measured_as_stored_and_never_a_server_error(api, a
     """jsonb stores numbers without exponents: out-of-range ones and ones that expand past 4096 bytes are 400."""
     for lexeme in ("1e200000", "1e-200000", "1e5000"):
         data = b'{"account":"alice","amount":1,"currency":"USD","metadata":{"x":' + lexeme.encode() + b"}}"
-        response = api.request("POST", "/v1/credits", key=uid(), data=data)
+        response = api.request("POST", "/v1/credits", key=uid(), raw=data)
         check("POST", "/v1/credits", response)
         assert problem_code(response) == "invalid-metadata", (lexeme, response.text)
     data = b'{"account":"alice","amount":1,"currency":"USD","metadata":{"x":1.5e2}}'
-    response = api.request("POST", "/v1/credits", key=uid(), data=data)
+    response = api.request("POST", "/v1/credits", key=uid(), raw=data)
     assert response.status_code == 201, response.text
     assert response.json()["metadata"] == {"x": 150}
 
@@ -688,16 +663,16 @@ def test_precedence_as_described(api, server):
     """The order the description's Precedence section states."""
     big = b"{" + b" " * (64 * 1024) + b"}"
     anon = Api(server.base, None)
-    assert problem_code(anon.request("POST", "/v1/credits", data=big, key="k")) == "unauthorized"
+    assert problem_code(anon.request("POST", "/v1/credits", raw=big, key="k")) == "unauthorized"
     assert problem_code(anon.request("GET", "/v1/no-such-route")) == "unauthorized"
-    assert problem_code(anon.request("GET", "/no-such-route", data=big)) == "body-too-large"
-    assert problem_code(api.request("GET", "/v1/no-such-route", data=big)) == "body-too-large"
-    assert problem_code(api.request("DELETE", "/v1/credits", data=b"nonsense")) == "method-not-allowed"
+    assert problem_code(anon.request("GET", "/no-such-route", raw=big)) == "body-too-large"
+    assert problem_code(api.request("GET", "/v1/no-such-route", raw=big)) == "body-too-large"
+    assert problem_code(api.request("DELETE", "/v1/credits", raw=b"nonsense")) == "method-not-allowed"
     text = {"Content-Type": "text/plain"}
-    assert problem_code(api.request("POST", "/v1/credits", data=b"nonsense", headers=text)) == "idempotency-key-missing"
-    response = api.request("POST", "/v1/credits", key=uid(), data=b"nonsense", headers=text)
+    assert problem_code(api.request("POST", "/v1/credits", raw=b"nonsense", headers=text)) == "idempotency-key-missing"
+    response = api.request("POST", "/v1/credits", key=uid(), raw=b"nonsense", headers=text)
     assert problem_code(response) == "unsupported-media-type"
-    assert problem_code(api.request("PUT", "/v1/accounts/%40x", data=b"nonsense", headers=text)) == "invalid-account-id"
+    assert problem_code(api.request("PUT", "/v1/accounts/%40x", raw=b"nonsense", headers=text)) == "invalid-account-id"
     assert problem_code(api.request("GET", "/v1/accounts/%40x/entries?limit=0")) == "invalid-account-id"
     assert problem_code(api.request("GET", "/v1/accounts/nobody-here/entries?limit=0")) == "invalid-limit"
     assert problem_code(api.request("GET", "/v1/accounts/nobody-here/entries?limit=1&cursor=x")) == "invalid-cursor"
