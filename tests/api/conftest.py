@@ -40,20 +40,9 @@ def main_db():
         lt.drop_database(name)
 
 
-def healthy_server(main_db, log_dir) -> lt.LedgerServer:
-    """A `ledger serve` on the database, once /health answers; stopped again if it never does."""
-    srv = lt.LedgerServer(main_db, log_dir=log_dir)
-    try:
-        srv.wait_healthy(30)
-    except BaseException:
-        srv.stop()
-        raise
-    return srv
-
-
 @pytest.fixture(scope="session")
 def server(main_db, log_dir):
-    srv = healthy_server(main_db, log_dir)
+    srv = lt.LedgerServer.healthy(main_db, log_dir=log_dir)
     yield srv
     srv.stop()
     print(f"\nledger serve log: {srv.log_path}")
@@ -114,7 +103,7 @@ def start_server(main_db, log_dir):
 @pytest.fixture(scope="module")
 def second_server(main_db, server, log_dir):
     """A second `ledger serve` on the same database (another replica)."""
-    srv = healthy_server(main_db, log_dir)
+    srv = lt.LedgerServer.healthy(main_db, log_dir=log_dir)
     yield srv
     srv.stop()
 

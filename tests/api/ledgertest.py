@@ -259,6 +259,17 @@ class LedgerServer:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
         self.returncode = None
 
+    @classmethod
+    def healthy(cls, dbname: str, extra_args=(), env=None, log_dir=None, timeout: float = 30) -> "LedgerServer":
+        """A `ledger serve` on the database, once /health answers 200; stopped again if it never does."""
+        srv = cls(dbname, extra_args, env, log_dir=log_dir)
+        try:
+            srv.wait_healthy(timeout)
+        except BaseException:
+            srv.stop()
+            raise
+        return srv
+
     def log_tail(self, n: int = 4000) -> str:
         try:
             return self.log_path.read_bytes()[-n:].decode("utf-8", "replace")

@@ -38,11 +38,6 @@ def tokens(database):
 
 @pytest.fixture(scope="session")
 def server(database):
-    srv = lt.LedgerServer(database, ["--no-migrate"], env={"LOG_FORMAT": "text", "LOG_LEVEL": "info"})
-    try:
-        srv.wait_healthy(60)
-    except BaseException:
-        srv.stop()
-        raise
+    srv = lt.LedgerServer.healthy(database, ["--no-migrate"], env={"LOG_FORMAT": "text", "LOG_LEVEL": "info"}, timeout=60)
     yield srv
     srv.stop()
