@@ -20,8 +20,7 @@ struct LedgerStoreTests {
     func oneKeyManyCalls() async throws {
         let store = try await makeStore()
         defer { Task { await store.pool.close() } }
-        _ = try await store.createToken(client: "acme")
-        _ = try await store.putAccount(client: "acme", id: "alice", request: AccountRequest(currency: "USD", allowNegative: false))
+        try await store.prepare(client: "acme", accounts: ["alice"])
         let credit = try request(.credit, #"{"account":"alice","amount":700,"currency":"USD"}"#)
         let key = IdempotencyKey(unchecked: "storm")
         let outcomes = try await concurrently(24) { _ in try await store.post(client: "acme", key: key, request: credit) }
@@ -51,8 +50,7 @@ struct LedgerStoreTests {
     func purgedKeyReplaysTransfer() async throws {
         let store = try await makeStore()
         defer { Task { await store.pool.close() } }
-        _ = try await store.createToken(client: "acme")
-        _ = try await store.putAccount(client: "acme", id: "alice", request: AccountRequest(currency: "USD", allowNegative: false))
+        try await store.prepare(client: "acme", accounts: ["alice"])
         let credit = try request(.credit, #"{"account":"alice","amount":5,"currency":"USD"}"#)
         let key = IdempotencyKey(unchecked: "k")
         guard case .executed(201, let first) = try await store.post(client: "acme", key: key, request: credit) else {
@@ -71,8 +69,7 @@ struct LedgerStoreTests {
     func verifyFindsCorruption() async throws {
         let store = try await makeStore()
         defer { Task { await store.pool.close() } }
-        _ = try await store.createToken(client: "acme")
-        _ = try await store.putAccount(client: "acme", id: "alice", request: AccountRequest(currency: "USD", allowNegative: false))
+        try await store.prepare(client: "acme", accounts: ["alice"])
         _ = try await store.post(
             client: "acme", key: IdempotencyKey(unchecked: "k"),
             request: try request(.credit, #"{"account":"alice","amount":5,"currency":"USD"}"#))
@@ -100,8 +97,7 @@ struct LedgerStoreTests {
     func purgeRetention() async throws {
         let store = try await makeStore()
         defer { Task { await store.pool.close() } }
-        _ = try await store.createToken(client: "acme")
-        _ = try await store.putAccount(client: "acme", id: "alice", request: AccountRequest(currency: "USD", allowNegative: false))
+        try await store.prepare(client: "acme", accounts: ["alice"])
         var bodies: [String: String] = [:]
         for index in 0..<5 {
             let credit = try request(.credit, #"{"account":"alice","amount":1,"currency":"USD"}"#)

@@ -10,8 +10,7 @@ import Testing
 struct ReplayCacheTests {
     func makeStore(cacheBytes: Int) async throws -> LedgerStore {
         let store = try await TestDatabase.migratedStore(poolSizeMax: 4, options: .init(replayCacheBytesMax: cacheBytes))
-        _ = try await store.createToken(client: "acme")
-        _ = try await store.putAccount(client: "acme", id: "alice", request: AccountRequest(currency: "USD", allowNegative: false))
+        try await store.prepare(client: "acme", accounts: ["alice"])
         return store
     }
 
@@ -37,8 +36,7 @@ struct ReplayCacheTests {
         #expect(try await store.post(client: "acme", key: key, request: try credit(5)) == .replayed(status: 201, body: body))
         #expect(try await store.post(client: "acme", key: key, request: try credit(6)) == .reused)
         // Keys are per client: another client's same key is not this answer.
-        _ = try await store.createToken(client: "other")
-        _ = try await store.putAccount(client: "other", id: "alice", request: AccountRequest(currency: "USD", allowNegative: false))
+        try await store.prepare(client: "other", accounts: ["alice"])
         guard case .executed(201, _) = try await store.post(client: "other", key: key, request: try credit(5)) else {
             Issue.record("the other client's credit did not execute")
             return

@@ -1,3 +1,4 @@
+import LedgerCore
 import LedgerStore
 import LedgerTestSupport
 
@@ -7,5 +8,16 @@ extension TestDatabase {
         let pool = try await pool(poolSizeMax: poolSizeMax)
         try await Migrator.load(directory: MigratorTests.repositorySQL, logger: logger).migrate(pool: pool)
         return LedgerStore(pool: pool, options: options, logger: logger)
+    }
+}
+
+extension LedgerStore {
+    /// A client (through a token, as `ledger token create` makes it) with USD accounts of these ids.
+    func prepare(client: String, accounts: [String], allowNegative: Bool = false) async throws {
+        _ = try await createToken(client: client)
+        for id in accounts {
+            _ = try await putAccount(
+                client: client, id: id, request: AccountRequest(currency: "USD", allowNegative: allowNegative))
+        }
     }
 }

@@ -20,10 +20,7 @@ struct TransferBatcherTests {
     func storm() async throws {
         let store = try await makeStore()
         defer { Task { await store.pool.close() } }
-        _ = try await store.createToken(client: "acme")
-        for name in ["a", "b", "c"] {
-            _ = try await store.putAccount(client: "acme", id: name, request: AccountRequest(currency: "USD", allowNegative: false))
-        }
+        try await store.prepare(client: "acme", accounts: ["a", "b", "c"])
         _ = try await store.post(
             client: "acme", key: IdempotencyKey(unchecked: "fund"),
             request: try request(.credit, #"{"account":"a","amount":1000,"currency":"USD"}"#))
@@ -74,8 +71,7 @@ struct TransferBatcherTests {
     func refusedBatchRunsAlone() async throws {
         let store = try await makeStore()
         defer { Task { await store.pool.close() } }
-        _ = try await store.createToken(client: "acme")
-        _ = try await store.putAccount(client: "acme", id: "a", request: AccountRequest(currency: "USD", allowNegative: false))
+        try await store.prepare(client: "acme", accounts: ["a"])
         // This database refuses every batch, as it would for a statement error in one request of it, and counts the
         // refusals in a sequence (which its rollback does not undo).
         try await store.pool.query("CREATE SEQUENCE refusals")
@@ -112,8 +108,7 @@ struct TransferBatcherTests {
     func busyKey() async throws {
         let store = try await makeStore()
         defer { Task { await store.pool.close() } }
-        _ = try await store.createToken(client: "acme")
-        _ = try await store.putAccount(client: "acme", id: "a", request: AccountRequest(currency: "USD", allowNegative: true))
+        try await store.prepare(client: "acme", accounts: ["a"], allowNegative: true)
         let holder = PostgresPool(
             configuration: PostgresConfiguration(conninfo: store.pool.configuration.conninfo, poolSizeMax: 1),
             logger: TestDatabase.logger)
