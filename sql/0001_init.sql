@@ -126,6 +126,8 @@ COMMENT ON COLUMN ledger.idempotency_keys.transfer_id IS 'The transfer made, for
 COMMENT ON COLUMN ledger.idempotency_keys.created_at IS 'When the outcome was stored; the retention purge deletes by this.';
 
 -- Rendering. JSON bodies are built here so that the first answer and every replay are the same bytes.
+-- Functions over a table's row type keep string bodies (AS $$ ... $$): a SQL-standard body (RETURN, BEGIN ATOMIC)
+-- makes later ALTER TABLEs of that table fail on current PostgreSQL (see sql/README.md).
 
 CREATE FUNCTION ledger.rfc3339(ts timestamptz) RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
@@ -139,34 +141,40 @@ COMMENT ON FUNCTION ledger.public_account_id(text) IS 'Account id as the API sho
 
 CREATE FUNCTION ledger.transfer_json(t ledger.transfers) RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
-RETURN '{"id":' || to_json(t.id::text)::text
+AS $$
+SELECT '{"id":' || to_json(t.id::text)::text
     || ',"from":' || to_json(ledger.public_account_id(t.from_account))::text
     || ',"to":' || to_json(ledger.public_account_id(t.to_account))::text
     || ',"amount":' || t.amount::text
     || ',"currency":' || to_json(t.currency)::text
     || ',"metadata":' || t.metadata::text
     || ',"created_at":' || to_json(ledger.rfc3339(t.created_at))::text
-    || '}';
+    || '}'
+$$;
 COMMENT ON FUNCTION ledger.transfer_json(ledger.transfers) IS 'The API''s JSON for a transfer.';
 
 CREATE FUNCTION ledger.account_json(a ledger.accounts) RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
-RETURN '{"id":' || to_json(ledger.public_account_id(a.id))::text
+AS $$
+SELECT '{"id":' || to_json(ledger.public_account_id(a.id))::text
     || ',"currency":' || to_json(a.currency)::text
     || ',"balance":' || a.balance::text
     || ',"allow_negative":' || a.allow_negative::text
     || ',"version":' || a.version::text
     || ',"created_at":' || to_json(ledger.rfc3339(a.created_at))::text
-    || '}';
+    || '}'
+$$;
 COMMENT ON FUNCTION ledger.account_json(ledger.accounts) IS 'The API''s JSON for an account.';
 
 CREATE FUNCTION ledger.entry_json(e ledger.entries) RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
-RETURN '{"transfer_id":' || to_json(e.transfer_id::text)::text
+AS $$
+SELECT '{"transfer_id":' || to_json(e.transfer_id::text)::text
     || ',"amount":' || e.amount::text
     || ',"balance_after":' || e.balance_after::text
     || ',"created_at":' || to_json(ledger.rfc3339(e.created_at))::text
-    || '}';
+    || '}'
+$$;
 COMMENT ON FUNCTION ledger.entry_json(ledger.entries) IS 'The API''s JSON for an entry.';
 
 CREATE FUNCTION ledger.problem_json(status integer, code text, title text, detail text) RETURNS text

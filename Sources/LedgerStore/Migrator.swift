@@ -36,8 +36,18 @@ public struct Migrator: Sendable {
         }
     }
 
-    /// Session advisory lock key held while migrating ("ledger" in ASCII), so that concurrent migrators queue.
+    /// Transaction-scoped advisory lock key taken by every migration transaction ("ledger" in ASCII), so that
+    /// concurrent migrators queue. Transaction-scoped, not session: it is released by COMMIT or ROLLBACK on the
+    /// connection that took it, which a transaction-mode pooler (pgbouncer) guarantees, and nothing outlives it.
     static let lockKey: Int64 = 0x6C65_6467_6572
+
+    /// Files corrected after they landed, and the exact checksums of the texts they replace. A database that applied
+    /// such an old text is accepted; a later migration gives it what the correction changed. 0001's three
+    /// rendering functions over row types had SQL-standard bodies, which current PostgreSQL 15 minors refuse to keep
+    /// while 0005 alters `ledger.transfers` (0007 brings old databases in line).
+    public static let supersededChecksums: [String: Set<String>] = [
+        "0001": ["5790864f93238c11c932b86161de439f0739accb14d6f7993e9f6cf6eca627ee"]
+    ]
 
     public let migrations: [Migration]
     let logger: Logger
@@ -94,64 +104,85 @@ public struct Migrator: Sendable {
     }
 
     /// Applies pending migrations; returns the names applied now (empty when up to date).
+    ///
+    /// Each file runs in a transaction of its own that first takes the transaction-scoped lock and re-reads what is
+    /// applied, so several processes (or one through a transaction-mode pooler) apply each file exactly once. No
+    /// session state is set: `statement_timeout` is lifted with `SET LOCAL` inside each transaction.
     @discardableResult
     public func migrate(pool: PostgresPool) async throws -> [String] {
         try await pool.withConnection { connection in
-            // Migrations may take longer than a request's statement timeout, and waiting for another migrator's
-            // lock must not time out either; restore the session's value afterwards.
-            let previousTimeout = try await connection.query("SELECT current_setting('statement_timeout') AS value")
-                .rows[0].decode(String.self, "value")
-            try await connection.query("SELECT set_config('statement_timeout', '0', false)")
-            try await connection.query("SELECT pg_advisory_lock($1)", [.int64(Self.lockKey)])
-            do {
-                let applied = try await applyPending(connection)
-                try await connection.query("SELECT pg_advisory_unlock($1)", [.int64(Self.lockKey)])
-                try await connection.query(
-                    "SELECT set_config('statement_timeout', $1, false)", [.string(previousTimeout)])
-                return applied
-            } catch {
-                // Closing drops the session lock too; the pool replaces the connection.
-                connection.close()
-                throw error
+            var appliedNow: [String] = []
+            // The first transaction creates the bookkeeping and checks every applied file before anything runs.
+            try await locked(connection) { connection in
+                try await connection.executeScript(Self.bookkeepingSQL)
+                try self.refuseChangedFiles(applied: try await Self.appliedChecksums(connection))
             }
+            for migration in migrations {
+                let applied = try await locked(connection) { connection -> Bool in
+                    let exists = try await connection.query(
+                        "SELECT 1 FROM ledger.schema_migrations WHERE version = $1", [.string(migration.version)])
+                    guard exists.rows.isEmpty else { return false }
+                    try await connection.executeScript(migration.sql)
+                    try await connection.query(
+                        "INSERT INTO ledger.schema_migrations (version, name, sha256) VALUES ($1, $2, $3)",
+                        [.string(migration.version), .string(migration.name), .string(migration.sha256)])
+                    return true
+                }
+                if applied {
+                    logger.info("applied migration", metadata: ["migration.name": "\(migration.name)"])
+                    appliedNow.append(migration.name)
+                }
+            }
+            return appliedNow
         }
     }
 
-    private func applyPending(_ connection: PostgresConnection) async throws -> [String] {
-        try await connection.executeScript(
-            """
-            CREATE SCHEMA IF NOT EXISTS ledger;
-            CREATE TABLE IF NOT EXISTS ledger.schema_migrations (
-                version    text        PRIMARY KEY,
-                name       text        NOT NULL,
-                sha256     text        NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now()
-            );
-            COMMENT ON TABLE ledger.schema_migrations IS 'SQL files of sql/ applied by `ledger migrate`, with the SHA-256 of their text.';
-            """)
-        let rows = try await connection.query("SELECT version, sha256 FROM ledger.schema_migrations")
-        var appliedSHA: [String: String] = [:]
-        for row in rows.rows {
-            appliedSHA[try row.decode(String.self, "version")] = try row.decode(String.self, "sha256")
+    /// Runs `body` in a transaction holding the migration lock, with no statement timeout: a migration may take
+    /// longer than a request, and waiting for another migrator must not time out either.
+    private func locked<T: Sendable>(
+        _ connection: PostgresConnection, _ body: (PostgresConnection) async throws -> T
+    ) async throws -> T {
+        try await connection.withTransaction { connection in
+            try await connection.query("SELECT set_config('statement_timeout', '0', true)")
+            try await connection.query("SELECT pg_advisory_xact_lock($1)", [.int64(Self.lockKey)])
+            return try await body(connection)
         }
-        // Refuse before applying anything if an applied file changed.
+    }
+
+    static let bookkeepingSQL = """
+        CREATE SCHEMA IF NOT EXISTS ledger;
+        CREATE TABLE IF NOT EXISTS ledger.schema_migrations (
+            version    text        PRIMARY KEY,
+            name       text        NOT NULL,
+            sha256     text        NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now()
+        );
+        COMMENT ON TABLE ledger.schema_migrations IS 'SQL files of sql/ applied by `ledger migrate`, one row each.';
+        COMMENT ON COLUMN ledger.schema_migrations.version IS 'The file''s number: 0001 of 0001_init.sql.';
+        COMMENT ON COLUMN ledger.schema_migrations.name IS 'The file''s name when it was applied.';
+        COMMENT ON COLUMN ledger.schema_migrations.sha256 IS 'SHA-256 of the text applied. A file that changed afterwards is refused, unless the migrator lists this checksum as superseded by a correction of the file.';
+        COMMENT ON COLUMN ledger.schema_migrations.applied_at IS 'When the file was applied.';
+        """
+
+    static func appliedChecksums(_ connection: PostgresConnection) async throws -> [String: String] {
+        var applied: [String: String] = [:]
+        for row in try await connection.query("SELECT version, sha256 FROM ledger.schema_migrations").rows {
+            applied[try row.decode(String.self, "version")] = try row.decode(String.self, "sha256")
+        }
+        return applied
+    }
+
+    /// Refuses before applying anything if an applied file changed, except for a correction whose superseded text
+    /// is exactly the one applied.
+    func refuseChangedFiles(applied: [String: String]) throws {
         for migration in migrations {
-            if let sha = appliedSHA[migration.version], sha != migration.sha256 {
-                throw Failure.changedAfterApplied(name: migration.name, appliedSHA256: sha, fileSHA256: migration.sha256)
+            guard let sha = applied[migration.version], sha != migration.sha256 else { continue }
+            if Self.supersededChecksums[migration.version]?.contains(sha) == true {
+                logger.info("accepted the text a corrected migration supersedes", metadata: ["migration.name": "\(migration.name)"])
+                continue
             }
+            throw Failure.changedAfterApplied(name: migration.name, appliedSHA256: sha, fileSHA256: migration.sha256)
         }
-        var appliedNow: [String] = []
-        for migration in migrations where appliedSHA[migration.version] == nil {
-            try await connection.withTransaction { connection in
-                try await connection.executeScript(migration.sql)
-                try await connection.query(
-                    "INSERT INTO ledger.schema_migrations (version, name, sha256) VALUES ($1, $2, $3)",
-                    [.string(migration.version), .string(migration.name), .string(migration.sha256)])
-            }
-            logger.info("applied migration", metadata: ["migration.name": "\(migration.name)"])
-            appliedNow.append(migration.name)
-        }
-        return appliedNow
     }
 }
 

@@ -95,4 +95,70 @@ struct MigratorTests {
         #expect(try count.decode(Int64.self, "n") == Int64(files))
         #expect(try count.decode(Int64.self, "d") == Int64(files))
     }
+
+    /// What 0001 made before its correction: the rendering functions over row types with SQL-standard bodies.
+    static let standardBodiesOf2026_11_23 = [
+        "CREATE OR REPLACE FUNCTION ledger.transfer_json(t ledger.transfers) RETURNS text LANGUAGE sql STABLE PARALLEL SAFE "
+            + "RETURN '{\"id\":' || to_json(t.id::text)::text || '}'",
+        "CREATE OR REPLACE FUNCTION ledger.account_json(a ledger.accounts) RETURNS text LANGUAGE sql STABLE PARALLEL SAFE "
+            + "RETURN '{\"id\":' || to_json(a.id)::text || '}'",
+        "CREATE OR REPLACE FUNCTION ledger.entry_json(e ledger.entries) RETURNS text LANGUAGE sql STABLE PARALLEL SAFE "
+            + "RETURN '{\"transfer_id\":' || to_json(e.transfer_id::text)::text || '}'",
+    ]
+
+    @Test("a database migrated before the 0001 correction is accepted, and later migrations can alter its tables")
+    func databaseOfBeforeTheCorrection() async throws {
+        let pool = try await TestDatabase.pool()
+        defer { Task { await pool.close() } }
+        let migrator = try Migrator.load(directory: Self.repositorySQL, logger: TestDatabase.logger)
+        let upToCorrection = Migrator(
+            migrations: migrator.migrations.filter { $0.version < "0007" }, logger: TestDatabase.logger)
+        try await upToCorrection.migrate(pool: pool)
+        // Make it what a database migrated on PostgreSQL 15.18 before the correction is: the old checksum of 0001
+        // and its SQL-standard bodies.
+        let old = try #require(Migrator.supersededChecksums["0001"]?.first)
+        try await pool.query("UPDATE ledger.schema_migrations SET sha256 = $1 WHERE version = '0001'", [.string(old)])
+        for statement in Self.standardBodiesOf2026_11_23 { try await pool.query(statement) }
+
+        let applied = try await migrator.migrate(pool: pool)
+        #expect(applied.contains("0007_row_type_functions.sql"))
+        #expect(try await Self.standardBodiesOverRowTypes(pool).isEmpty)
+        // What a later migration will do: add a column with a default to each table the functions read.
+        try await pool.withConnection { connection in
+            try await connection.query("BEGIN")
+            for table in ["transfers", "accounts", "entries"] {
+                try await connection.query("ALTER TABLE ledger.\(table) ADD COLUMN probe integer NOT NULL DEFAULT 0")
+            }
+            try await connection.query("ROLLBACK")
+        }
+        // Another old checksum is still refused.
+        try await pool.query("UPDATE ledger.schema_migrations SET sha256 = 'feed' WHERE version = '0001'")
+        await #expect(throws: Migrator.Failure.self) { try await migrator.migrate(pool: pool) }
+    }
+
+    @Test("no function over a table's row type has a SQL-standard body (later ALTER TABLEs would fail)")
+    func noStandardBodyOverARowType() async throws {
+        let pool = try await TestDatabase.pool()
+        defer { Task { await pool.close() } }
+        try await Migrator.load(directory: Self.repositorySQL, logger: TestDatabase.logger).migrate(pool: pool)
+        #expect(try await Self.standardBodiesOverRowTypes(pool) == [])
+    }
+
+    /// Functions of schema ledger with a SQL-standard body (RETURN, BEGIN ATOMIC) that take or return a row type of
+    /// one of its tables.
+    static func standardBodiesOverRowTypes(_ pool: PostgresPool) async throws -> [String] {
+        let rows = try await pool.query(
+            """
+            SELECT p.oid::regprocedure::text AS name
+            FROM pg_proc p
+            JOIN pg_namespace n ON n.oid = p.pronamespace
+            WHERE n.nspname = 'ledger' AND p.prosqlbody IS NOT NULL
+              AND EXISTS (
+                SELECT 1 FROM pg_class c
+                WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'p', 'v')
+                  AND (c.reltype = ANY (p.proargtypes::oid[]) OR c.reltype = p.prorettype))
+            ORDER BY 1
+            """)
+        return try rows.rows.map { try $0.decode(String.self, "name") }
+    }
 }
