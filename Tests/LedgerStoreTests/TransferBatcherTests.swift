@@ -72,17 +72,22 @@ struct TransferBatcherTests {
         let store = try await makeStore()
         defer { Task { await store.pool.close() } }
         try await store.prepare(client: "acme", accounts: ["a"])
-        // This database refuses every batch, as it would for a statement error in one request of it, and counts the
-        // refusals in a sequence (which its rollback does not undo).
+        // This database refuses every batch of two or more, as it would for a statement error in one request of it,
+        // and counts the refusals in a sequence (which its rollback does not undo). A lone request runs the real
+        // function (ledger.post_transfer calls it with one item).
         try await store.pool.query("CREATE SEQUENCE refusals")
+        try await store.pool.query("ALTER FUNCTION ledger.post_transfers(text, jsonb) RENAME TO post_transfers_real")
         try await store.pool.query(
             """
-            CREATE OR REPLACE FUNCTION ledger.post_transfers(p_client text, p_items jsonb)
+            CREATE FUNCTION ledger.post_transfers(p_client text, p_items jsonb)
             RETURNS TABLE (item integer, outcome text, status_code integer, response_body text)
             LANGUAGE plpgsql AS $$
             BEGIN
-                PERFORM nextval('refusals');
-                RAISE EXCEPTION 'refused' USING ERRCODE = 'data_exception';
+                IF jsonb_array_length(p_items) > 1 THEN
+                    PERFORM nextval('refusals');
+                    RAISE EXCEPTION 'refused' USING ERRCODE = 'data_exception';
+                END IF;
+                RETURN QUERY SELECT * FROM ledger.post_transfers_real(p_client, p_items);
             END;
             $$
             """)
