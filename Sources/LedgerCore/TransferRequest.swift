@@ -30,6 +30,17 @@ public struct TransferRequest: Sendable, Equatable {
     public var metadataJSON: String
     /// `POST <path>\n<canonical body>`: the text the idempotency fingerprint is the SHA-256 of.
     public var fingerprintText: String
+    /// The version `If-Match` names for the account whose money goes out (the credited account of a credit).
+    public private(set) var ifMatch: Int64? = nil
+
+    /// This request under `If-Match`, which the fingerprint covers: the same key and body with another (or no)
+    /// If-Match is another request.
+    public func conditioned(on version: Int64?) -> TransferRequest {
+        var copy = self
+        copy.ifMatch = version
+        if let version { copy.fingerprintText += "\nIf-Match: \(version)" }
+        return copy
+    }
 
     /// The client's own account(s) the request names, in request order.
     public var accounts: [String] { [from, to].compactMap { $0 } }

@@ -110,11 +110,11 @@ public struct LedgerStore: Sendable {
             .string(client), .string(key.value), .string(request.fingerprintText),
             request.from.map { .string($0) } ?? .null, request.to.map { .string($0) } ?? .null,
             .int64(request.amount), .string(request.currency), .json(request.metadataJSON),
-            .int32(Int32(clamping: options.keyWaitMilliseconds)),
+            request.ifMatch.map { .int64($0) } ?? .null, .int32(Int32(clamping: options.keyWaitMilliseconds)),
         ]
         let rows = try await retryingConflicts {
             try await pool.query(
-                "SELECT outcome, status_code, response_body FROM ledger.post_transfer($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                "SELECT outcome, status_code, response_body FROM ledger.post_transfer($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 binds)
         }
         return try Self.outcome(of: rows.rows[0])!
@@ -168,6 +168,7 @@ public struct LedgerStore: Sendable {
         json += "\"from\":\(request.from.map(JSONValue.quoted) ?? "null"),\"to\":\(request.to.map(JSONValue.quoted) ?? "null")"
         json += ",\"amount\":\(request.amount),\"currency\":\(JSONValue.quoted(request.currency))"
         json += ",\"metadata\":\(request.metadataJSON)"
+        if let version = request.ifMatch { json += ",\"if_match\":\(version)" }
     }
 
     /// The outcome a row of post_transfer or post_transfers names; nil for `busy`.

@@ -34,8 +34,11 @@ BODY_MAX = 64 * 1024
 
 RFC3339_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
-ACCOUNT_KEYS = {"id", "currency", "balance", "allow_negative", "version", "created_at"}
-TRANSFER_KEYS = {"id", "from", "to", "amount", "currency", "metadata", "created_at"}
+ACCOUNT_KEYS = {"id", "currency", "balance", "allow_negative", "version", "created_at", "held", "available"}
+TRANSFER_KEYS = {"id", "from", "to", "amount", "currency", "metadata", "created_at", "hold_id", "reverses",
+                 "reversed_amount"}
+HOLD_KEYS = {"id", "from", "to", "amount", "currency", "status", "captured_amount", "transfer_id", "metadata",
+             "expires_at", "created_at"}
 ENTRY_KEYS = {"transfer_id", "amount", "balance_after", "created_at"}
 
 NO_KEY = object()  # pass as key= to send no Idempotency-Key header
@@ -500,6 +503,8 @@ def assert_account_shape(body: dict) -> None:
     assert type(body["balance"]) is int, f"balance must be an integer: {body}"
     assert type(body["allow_negative"]) is bool, f"allow_negative must be a boolean: {body}"
     assert type(body["version"]) is int, f"version must be an integer: {body}"
+    assert type(body["held"]) is int and body["held"] >= 0, f"held must be a non-negative integer: {body}"
+    assert body["available"] == body["balance"] - body["held"], f"available must be balance - held: {body}"
     assert isinstance(body["created_at"], str) and RFC3339_Z.match(body["created_at"]), (
         f"created_at must be RFC 3339 UTC (Z): {body}"
     )
@@ -515,6 +520,22 @@ def assert_transfer_shape(body: dict) -> None:
     assert isinstance(body["created_at"], str) and RFC3339_Z.match(body["created_at"]), (
         f"created_at must be RFC 3339 UTC (Z): {body}"
     )
+    assert body["hold_id"] is None or isinstance(body["hold_id"], str), f"hold_id must be a string or null: {body}"
+    assert body["reverses"] is None or isinstance(body["reverses"], str), f"reverses must be a string or null: {body}"
+    assert type(body["reversed_amount"]) is int and 0 <= body["reversed_amount"] <= body["amount"], (
+        f"reversed_amount must be an integer from 0 to amount: {body}"
+    )
+
+
+def assert_hold_shape(body: dict) -> None:
+    assert set(body) == HOLD_KEYS, f"hold keys {sorted(body)} != {sorted(HOLD_KEYS)}: {body}"
+    assert isinstance(body["id"], str) and body["id"], f"hold id must be a non-empty string: {body}"
+    assert body["status"] in ("pending", "captured", "voided", "expired"), f"hold status: {body}"
+    assert type(body["amount"]) is int and type(body["captured_amount"]) is int, f"hold amounts: {body}"
+    assert (body["status"] == "captured") == (body["transfer_id"] is not None), f"transfer_id iff captured: {body}"
+    assert isinstance(body["metadata"], dict), f"metadata must be an object: {body}"
+    for field in ("expires_at", "created_at"):
+        assert isinstance(body[field], str) and RFC3339_Z.match(body[field]), f"{field} must be RFC 3339 UTC: {body}"
 
 
 def assert_entry_shape(body: dict) -> None:

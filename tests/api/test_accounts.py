@@ -75,7 +75,8 @@ def test_version_grows_by_one_per_balance_change(api_a):
     assert api_a.account(a)["version"] == 0
     lt.assert_first(api_a.credit(a, 1000))
     assert api_a.account(a) | {"created_at": None} == {
-        "id": a, "currency": "USD", "balance": 1000, "allow_negative": False, "version": 1, "created_at": None
+        "id": a, "currency": "USD", "balance": 1000, "allow_negative": False, "version": 1, "created_at": None,
+        "held": 0, "available": 1000,
     }
     lt.assert_first(api_a.debit(a, 300))
     got = api_a.account(a)

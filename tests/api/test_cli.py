@@ -112,10 +112,10 @@ def seed(db, client="c1", currency="QQQ"):
         SELECT * FROM ledger.put_account({c}, 'corrupt-acct', {cur}, false);
         SELECT * FROM ledger.put_account({c}, 'other-acct', {cur}, false);
         SELECT * FROM ledger.put_account({c}, 'neg-acct', {cur}, true);
-        SELECT * FROM ledger.post_transfer({c}, 'k1', 'r1', NULL, 'corrupt-acct', 1000, {cur}, '{{}}', 1000);
-        SELECT * FROM ledger.post_transfer({c}, 'k2', 'r2', 'corrupt-acct', 'other-acct', 300, {cur}, '{{}}', 1000);
-        SELECT * FROM ledger.post_transfer({c}, 'k3', 'r3', 'corrupt-acct', NULL, 100, {cur}, '{{}}', 1000);
-        SELECT * FROM ledger.post_transfer({c}, 'k4', 'r4', 'neg-acct', 'other-acct', 50, {cur}, '{{}}', 1000);
+        SELECT * FROM ledger.post_transfer({c}, 'k1', 'r1', NULL, 'corrupt-acct', 1000, {cur}, '{{}}', NULL, 1000);
+        SELECT * FROM ledger.post_transfer({c}, 'k2', 'r2', 'corrupt-acct', 'other-acct', 300, {cur}, '{{}}', NULL, 1000);
+        SELECT * FROM ledger.post_transfer({c}, 'k3', 'r3', 'corrupt-acct', NULL, 100, {cur}, '{{}}', NULL, 1000);
+        SELECT * FROM ledger.post_transfer({c}, 'k4', 'r4', 'neg-acct', 'other-acct', 50, {cur}, '{{}}', NULL, 1000);
         """,
     )
     assert lt.psql(db, f"SELECT balance FROM ledger.accounts WHERE client_id = {c} AND id = 'corrupt-acct'") == "600"
@@ -197,6 +197,7 @@ def test_verify_detects_negative_balance_on_non_negative_account(seeded_db):
     lt.psql(
         seeded_db,
         "ALTER TABLE ledger.accounts DROP CONSTRAINT accounts_non_negative; "
+        "ALTER TABLE ledger.accounts DROP CONSTRAINT accounts_available_non_negative; "
         "UPDATE ledger.accounts SET allow_negative = false WHERE id = 'neg-acct'",
     )
     proc = lt.verify(seeded_db)

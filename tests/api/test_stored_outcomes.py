@@ -60,7 +60,8 @@ def test_insufficient_funds_is_stored(api_a):
     first = api_a.debit(account, 80, key=key)
     lt.assert_problem(first, 422, "insufficient-funds")
     assert api_a.account(account) | {"created_at": 0} == {
-        "id": account, "currency": "USD", "balance": 50, "allow_negative": False, "version": 1, "created_at": 0
+        "id": account, "currency": "USD", "balance": 50, "allow_negative": False, "version": 1, "created_at": 0,
+        "held": 0, "available": 50,
     }
     # Fund the account: the key still answers with the stored 422 and executes nothing.
     lt.assert_first(api_a.credit(account, 1000))
@@ -148,10 +149,10 @@ def overflow_client(main_db, server):
         BEGIN
           FOR i IN 1..1024 LOOP
             SELECT * INTO r FROM ledger.post_transfer({c}, 'seed-big-' || i, 'seed-big-' || i, NULL, 'big',
-                                                     9007199254740991, 'XOV', '{{}}'::jsonb, 5000);
+                                                     9007199254740991, 'XOV', '{{}}'::jsonb, NULL, 5000);
             IF r.status_code <> 201 THEN RAISE EXCEPTION 'seed credit % failed: %', i, r.response_body; END IF;
             SELECT * INTO r FROM ledger.post_transfer({c}, 'seed-neg-' || i, 'seed-neg-' || i, 'neg', 'sink',
-                                                     9007199254740991, 'XOW', '{{}}'::jsonb, 5000);
+                                                     9007199254740991, 'XOW', '{{}}'::jsonb, NULL, 5000);
             IF r.status_code <> 201 THEN RAISE EXCEPTION 'seed transfer % failed: %', i, r.response_body; END IF;
           END LOOP;
         END $$;

@@ -3,7 +3,7 @@ extension StringProtocol {
     ///
     /// Header values are trimmed on every request: Foundation's `trimmingCharacters(in:)` walks Unicode character
     /// sets and was 5 % of the service's CPU under load, for what is a few ASCII bytes.
-    var trimmingOWS: Substring {
+    public var trimmingOWS: Substring {
         let whole = Substring(self)
         let isOWS = { (byte: UInt8) in byte == UInt8(ascii: " ") || byte == UInt8(ascii: "\t") }
         guard let first = whole.utf8.firstIndex(where: { !isOWS($0) }),
