@@ -234,7 +234,7 @@ public struct LedgerStore: Sendable {
             precondition(LedgerRules.isValidAccountID(client), "client names follow the account id pattern")
             var generator = SystemRandomNumberGenerator()
             let secret = (0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) }
-            let token = "ldg_" + secret.map { String(format: "%02x", $0) }.joined()
+            let token = "ldg_" + Hex.encode(secret)
             try await pool.withTransaction { connection in
                 try await connection.query(
                     "INSERT INTO ledger.clients (id) VALUES ($1) ON CONFLICT DO NOTHING", [.string(client)])
