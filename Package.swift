@@ -4,6 +4,9 @@
 // Layers (arrows point one way only):
 //   CLibPQ -> PostgresClient -> LedgerStore <- LedgerCore (pure domain, no I/O)
 //   LedgerStore, LedgerCore -> LedgerHTTP (Hummingbird 2) -> ledger (the one executable)
+//   LedgerStore -> LedgerMaintenance (background purge) -> ledger
+// LedgerHTTP never sees PostgresClient: the store maps its errors into LedgerStoreError and reports pool statistics.
+// Every target lists each module it imports (MemberImportVisibility is on), so an import across layers shows here.
 import PackageDescription
 
 let swiftSettings: [SwiftSetting] = [
@@ -64,6 +67,18 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // Work `ledger serve` runs beside the HTTP server: the periodic purge of stored responses. A target of its own
+        // rather than part of LedgerStore, so the data layer stays free of service lifecycles, and rather than part
+        // of LedgerHTTP, which only answers requests.
+        .target(
+            name: "LedgerMaintenance",
+            dependencies: [
+                "LedgerStore",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         // The HTTP API on Hummingbird 2.
         .target(
             name: "LedgerHTTP",
@@ -97,14 +112,19 @@ let package = Package(
             dependencies: [
                 "LedgerHTTP",
                 "LedgerBench",
+                "LedgerMaintenance",
                 "LedgerStore",
+                "LedgerCore",
+                // The executable opens the pool the store runs on: the one place above the store that may.
+                "PostgresClient",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
-                "LedgerCore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ],
             swiftSettings: swiftSettings
@@ -120,7 +140,10 @@ let package = Package(
             name: "PostgresClientTests", dependencies: ["PostgresClient", "LedgerTestSupport"],
             swiftSettings: swiftSettings),
         .testTarget(name: "LedgerCoreTests", dependencies: ["LedgerCore"], swiftSettings: swiftSettings),
-        .testTarget(name: "LedgerHTTPTests", dependencies: ["LedgerHTTP", "LedgerCore"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "LedgerHTTPTests",
+            dependencies: ["LedgerHTTP", "LedgerCore", .product(name: "HTTPTypes", package: "swift-http-types")],
+            swiftSettings: swiftSettings),
         .testTarget(
             name: "LedgerBenchTests",
             dependencies: [

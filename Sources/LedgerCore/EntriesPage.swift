@@ -59,63 +59,19 @@ public struct CursorKey: Sendable {
         guard parts.count == 3, parts[0] == "e2", parts[1].utf8.count <= 19,
             parts[1].utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), let version = Int64(parts[1]), version >= 1
         else { return nil }
-        // The cursor must be exactly what this key issues for this position (one base64url spelling, one MAC),
-        // compared in constant time.
-        let expected = Array(encode(client: client, account: account, beforeVersion: version).utf8)
-        let given = Array(cursor.utf8)
-        guard expected.count == given.count else { return nil }
-        var difference: UInt8 = 0
-        for (a, b) in zip(expected, given) { difference |= a ^ b }
-        return difference == 0 ? version : nil
+        // The cursor must be exactly what this key issues for this position (one base64url spelling, one MAC).
+        // Both are MACed again and the codes compared with swift-crypto's constant-time `==`: the time taken says
+        // nothing about how much of a guess was right, not even its length.
+        let expected = encode(client: client, account: account, beforeVersion: version)
+        let expectedCode = HMAC<SHA256>.authenticationCode(for: Array(expected.utf8), using: key)
+        let givenCode = HMAC<SHA256>.authenticationCode(for: Array(cursor.utf8), using: key)
+        return expectedCode == givenCode ? version : nil
     }
 
     private func mac(client: String, account: String, payload: String) -> String {
         // NUL separates the fields: neither client names nor account ids can contain it.
         let message = Array("\(client)\u{0}\(account)\u{0}\(payload)".utf8)
         let code = HMAC<SHA256>.authenticationCode(for: message, using: key)
-        return code.prefix(16).map { byte in
-            let hex = String(byte, radix: 16)
-            return byte < 16 ? "0" + hex : hex
-        }.joined()
-    }
-}
-
-/// base64url without padding (RFC 4648 section 5), for cursors.
-enum Base64URL {
-    private static let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8)
-
-    static func encode(_ bytes: [UInt8]) -> String {
-        var output: [UInt8] = []
-        var index = 0
-        while index < bytes.count {
-            let chunk = Array(bytes[index..<min(index + 3, bytes.count)])
-            let value = (UInt32(chunk[0]) << 16) | (UInt32(chunk.count > 1 ? chunk[1] : 0) << 8)
-                | UInt32(chunk.count > 2 ? chunk[2] : 0)
-            let characters = chunk.count + 1
-            for position in 0..<characters {
-                output.append(alphabet[Int((value >> (18 - 6 * UInt32(position))) & 0x3F)])
-            }
-            index += 3
-        }
-        return String(decoding: output, as: UTF8.self)
-    }
-
-    static func decode(_ text: String) -> [UInt8]? {
-        var values: [UInt32] = []
-        for byte in text.utf8 {
-            guard let position = alphabet.firstIndex(of: byte) else { return nil }
-            values.append(UInt32(position))
-        }
-        guard values.count % 4 != 1 else { return nil }
-        var output: [UInt8] = []
-        var index = 0
-        while index < values.count {
-            let chunk = Array(values[index..<min(index + 4, values.count)])
-            var value: UInt32 = 0
-            for position in 0..<4 { value = value << 6 | (position < chunk.count ? chunk[position] : 0) }
-            for position in 0..<(chunk.count - 1) { output.append(UInt8((value >> (16 - 8 * UInt32(position))) & 0xFF)) }
-            index += 4
-        }
-        return output
+        return Hex.encode(code.prefix(16))
     }
 }

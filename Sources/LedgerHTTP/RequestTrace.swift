@@ -1,7 +1,7 @@
 import Foundation
 import Logging
 import Metrics
-import PostgresClient
+import LedgerStore
 import Synchronization
 
 /// What one request did, gathered while it runs, for its log line and its metrics.
@@ -79,14 +79,16 @@ enum LedgerMetrics {
         if code == "insufficient-funds" { counter("ledger_insufficient_funds_total").increment() }
     }
 
-    static func databaseError(_ error: PostgresError) {
+    /// `kind` is the client library's kind of failure (`connectionFailed`, `server`, ...), which the store keeps
+    /// for exactly this: finer than the store's three codes, and the label dashboards already use.
+    static func databaseError(_ error: LedgerStoreError) {
         let sqlClass = error.sqlState.map { String($0.prefix(2)) } ?? "none"
         Counter(
-            label: "ledger_db_errors_total", dimensions: [("sqlstate_class", sqlClass), ("kind", "\(error.code)")]
+            label: "ledger_db_errors_total", dimensions: [("sqlstate_class", sqlClass), ("kind", error.databaseKind)]
         ).increment()
     }
 
-    static func pool(_ stats: PostgresPool.Stats) {
+    static func pool(_ stats: LedgerStore.PoolStatistics) {
         Gauge(label: "ledger_db_pool_connections", dimensions: [("state", "in_use")]).record(stats.inUse)
         Gauge(label: "ledger_db_pool_connections", dimensions: [("state", "idle")]).record(stats.idle)
         Gauge(label: "ledger_db_pool_waiting").record(stats.waiting)

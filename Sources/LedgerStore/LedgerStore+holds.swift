@@ -51,15 +51,23 @@ extension LedgerStore {
 
     /// The hold's JSON, or nil when the client has no such hold (malformed ids included).
     public func hold(client: String, id: String) async throws -> String? {
-        let rows = try await pool.query(
+        let rows = try await mappingErrors {
+            try await pool.query(
             "SELECT ledger.hold_json(h) AS body FROM ledger.holds h WHERE h.client_id = $1 AND h.id = ledger.parse_id($2)",
-            [.string(client), .string(id)])
-        return try rows.first?.decode(String.self, "body")
+                [.string(client), .string(id)])
+        }
+        return try await mappingErrors { try rows.first?.decode(String.self, "body") }
     }
 
     /// One page of the holds whose payer is `account`, as `{"holds":[...],"next_cursor":...}`; nil when the account
     /// does not exist. `page` was parsed for the cursor scope `holdsCursorScope(account)`.
     public func holds(client: String, account: String, status: HoldStatus?, page: EntriesPage) async throws -> String? {
+        try await mappingErrors { try await holdsPage(client: client, account: account, status: status, page: page) }
+    }
+
+    private func holdsPage(client: String, account: String, status: HoldStatus?, page: EntriesPage) async throws
+        -> String?
+    {
         let rows = try await pool.query(
             "SELECT holds_json, last_id, has_more FROM ledger.holds_page($1, $2, $3, $4, $5)",
             [
@@ -82,29 +90,35 @@ extension LedgerStore {
 
     /// The account's JSON and version (for its ETag), or nil.
     public func accountWithVersion(client: String, id: String) async throws -> (body: String, version: Int64)? {
-        let rows = try await pool.query(
-            "SELECT ledger.account_json(a) AS body, a.version FROM ledger.accounts a WHERE a.client_id = $1 AND a.id = $2",
-            [.string(client), .string(id)])
-        guard let row = rows.first else { return nil }
-        return (try row.decode(String.self, "body"), try row.decode(Int64.self, "version"))
+        try await mappingErrors {
+            let rows = try await pool.query(
+                "SELECT ledger.account_json(a) AS body, a.version FROM ledger.accounts a WHERE a.client_id = $1 AND a.id = $2",
+                [.string(client), .string(id)])
+            guard let row = rows.first else { return nil }
+            return (try row.decode(String.self, "body"), try row.decode(Int64.self, "version"))
+        }
     }
 
     /// Records due holds as expired, at most `batchSize` per call; returns how many.
     public func expireHolds(batchSize: Int) async throws -> Int {
         precondition((1...10_000).contains(batchSize), "batchSize must be within 1...10000")
-        let rows = try await retryingConflicts {
-            try await pool.query("SELECT ledger.expire_holds($1) AS n", [.int32(Int32(batchSize))])
+        return try await mappingErrors {
+            let rows = try await retryingConflicts {
+                try await pool.query("SELECT ledger.expire_holds($1) AS n", [.int32(Int32(batchSize))])
+            }
+            return try rows.rows[0].decode(Int.self, "n")
         }
-        return try rows.rows[0].decode(Int.self, "n")
     }
 
     private var keyWait: PostgresBind { .int32(Int32(clamping: options.keyWaitMilliseconds)) }
 
     /// One keyed request's function call, retried on serialization failures and deadlocks.
     private func keyed(_ call: String, _ binds: [PostgresBind]) async throws -> PostOutcome {
-        let rows = try await retryingConflicts {
-            try await pool.query("SELECT outcome, status_code, response_body FROM \(call)", binds)
+        try await mappingErrors {
+            let rows = try await retryingConflicts {
+                try await pool.query("SELECT outcome, status_code, response_body FROM \(call)", binds)
+            }
+            return try TransferExecutor.outcome(of: rows.rows[0])!
         }
-        return try Self.outcome(of: rows.rows[0])!
     }
 }

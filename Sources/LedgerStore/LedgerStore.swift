@@ -27,16 +27,21 @@ public struct LedgerStore: Sendable {
         /// Memory for answers of completed requests kept to answer replays without a round trip (`ReplayCache`), in
         /// bytes. 0 turns it off. Default 8 MiB.
         public var replayCacheBytesMax: Int
+        /// The retry hint, in seconds, of `LedgerStoreError.unavailable` and `.conflictExhausted` (sent as
+        /// `Retry-After` by the HTTP layer). Default 1.
+        public var retryAfterSeconds: Int
 
         public init(
             keyWaitMilliseconds: Int = 5_000, conflictRetriesMax: Int = 3, batchMax: Int = 16,
-            batchConcurrencyMax: Int = 2, replayCacheBytesMax: Int = 8 << 20
+            batchConcurrencyMax: Int = 2, replayCacheBytesMax: Int = 8 << 20, retryAfterSeconds: Int = 1
         ) {
             precondition(keyWaitMilliseconds >= 1, "keyWaitMilliseconds must be positive")
             precondition(conflictRetriesMax >= 0, "conflictRetriesMax must not be negative")
             precondition((1...1_000).contains(batchMax), "batchMax must be within 1...1000")
             precondition(replayCacheBytesMax >= 0, "replayCacheBytesMax must not be negative")
             precondition(batchConcurrencyMax >= 1, "batchConcurrencyMax must be positive")
+            precondition(retryAfterSeconds >= 0, "retryAfterSeconds must not be negative")
+            self.retryAfterSeconds = retryAfterSeconds
             self.batchConcurrencyMax = batchConcurrencyMax
             self.replayCacheBytesMax = replayCacheBytesMax
             self.keyWaitMilliseconds = keyWaitMilliseconds
@@ -45,38 +50,35 @@ public struct LedgerStore: Sendable {
         }
     }
 
+    /// The pool, for migrations, the command line and tests. The HTTP layer never sees it: it asks the store.
     public let pool: PostgresPool
     public let options: Options
     let logger: Logger
+    /// Runs single requests and groups of them; shared with the batcher, which has no store of its own.
+    let executor: TransferExecutor
+    /// Group commit of concurrent requests, when `options.batchMax` > 1.
     private let batcher: TransferBatcher?
     private let replayCache: ReplayCache?
-    private let cursorKeyCache: CursorKeyCache
+    private let cursorKeyCache = CursorKeyCache()
 
+    /// A store on `pool`. It commits concurrent requests of one client together (group commit, `TransferBatcher`)
+    /// whenever `options.batchMax` > 1; pass `batchMax: 1` for a transaction per request.
     public init(pool: PostgresPool, options: Options = Options(), logger: Logger) {
         self.pool = pool
         self.options = options
         self.logger = logger
-        self.batcher = nil
-        self.cursorKeyCache = CursorKeyCache()
+        self.executor = TransferExecutor(
+            pool: pool, keyWaitMilliseconds: options.keyWaitMilliseconds,
+            conflictRetriesMax: options.conflictRetriesMax, logger: logger)
+        // At most one batch per pooled connection: more drivers than connections would only queue in the pool.
+        self.batcher =
+            options.batchMax > 1
+            ? TransferBatcher(
+                executor: executor, batchMax: options.batchMax,
+                driversMax: min(pool.configuration.poolSizeMax, options.batchConcurrencyMax))
+            : nil
         self.replayCache = options.replayCacheBytesMax > 0 ? ReplayCache(bytesMax: options.replayCacheBytesMax) : nil
     }
-
-    private init(copying store: LedgerStore) {
-        self.pool = store.pool
-        self.options = store.options
-        self.logger = store.logger
-        self.replayCache = store.replayCache
-        self.cursorKeyCache = store.cursorKeyCache
-        self.batcher =
-            store.options.batchMax > 1
-            ? TransferBatcher(
-                store: store, batchMax: store.options.batchMax,
-                driversMax: min(store.pool.configuration.poolSizeMax, store.options.batchConcurrencyMax))
-            : nil
-    }
-
-    /// This store, batching concurrent requests when `options.batchMax` > 1.
-    public func batching() -> LedgerStore { LedgerStore(copying: self) }
 
     // MARK: Transfers
 
@@ -96,107 +98,53 @@ public struct LedgerStore: Sendable {
         if let known = replayCache?.outcome(client: client, key: key.value, fingerprint: request.fingerprintText) {
             return known
         }
-        let outcome =
+        let outcome = try await mappingErrors {
             if let batcher { try await batcher.submit(client: client, key: key, request: request) } else {
-                try await postAlone(client: client, key: key, request: request)
+                try await executor.postAlone(client: client, key: key, request: request)
             }
+        }
         replayCache?.remember(client: client, key: key.value, fingerprint: request.fingerprintText, outcome: outcome)
         return outcome
-    }
-
-    /// One request in a transaction of its own.
-    func postAlone(client: String, key: IdempotencyKey, request: TransferRequest) async throws -> PostOutcome {
-        let binds: [PostgresBind] = [
-            .string(client), .string(key.value), .string(request.fingerprintText),
-            request.from.map { .string($0) } ?? .null, request.to.map { .string($0) } ?? .null,
-            .int64(request.amount), .string(request.currency), .json(request.metadataJSON),
-            request.ifMatch.map { .int64($0) } ?? .null, .int32(Int32(clamping: options.keyWaitMilliseconds)),
-        ]
-        let rows = try await retryingConflicts {
-            try await pool.query(
-                "SELECT outcome, status_code, response_body FROM ledger.post_transfer($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                binds)
-        }
-        return try Self.outcome(of: rows.rows[0])!
-    }
-
-    /// Several requests of one client in one transaction; nil for a request whose key was busy (not run).
-    func postTogether(client: String, items: [(IdempotencyKey, TransferRequest)]) async throws -> [PostOutcome?] {
-        var json = "["
-        for (index, (key, request)) in items.enumerated() {
-            if index > 0 { json += "," }
-            json += "{\"key\":\(JSONValue.quoted(key.value)),\"request\":\(JSONValue.quoted(request.fingerprintText)),"
-            Self.appendMovement(of: request, to: &json)
-            json += "}"
-        }
-        json += "]"
-        let rows = try await retryingConflicts {
-            try await pool.query(
-                "SELECT item, outcome, status_code, response_body FROM ledger.post_transfers($1, $2)",
-                [.string(client), .json(json)])
-        }
-        guard rows.rows.count == items.count else {
-            throw PostgresError(code: .decoding, message: "ledger.post_transfers answered \(rows.rows.count) of \(items.count)")
-        }
-        return try rows.rows.map(Self.outcome(of:))
     }
 
     /// Up to 1,000 transfers under one key, all or nothing or each on its own (`ledger.post_batch`): one round trip,
     /// one transaction, set-based statements.
     public func postBatch(client: String, key: IdempotencyKey, batch: BatchRequest) async throws -> PostOutcome {
-        var items = "["
-        items.reserveCapacity(batch.transfers.count * 96)
-        for (index, request) in batch.transfers.enumerated() {
-            items += index > 0 ? ",{" : "{"
-            Self.appendMovement(of: request, to: &items)
-            items += "}"
-        }
-        items += "]"
-        let binds: [PostgresBind] = [
-            .string(client), .string(key.value), .string(batch.fingerprintText), .bool(batch.atomic), .json(items),
-            .int32(Int32(clamping: options.keyWaitMilliseconds)),
-        ]
-        let rows = try await retryingConflicts {
-            try await pool.query(
-                "SELECT outcome, status_code, response_body FROM ledger.post_batch($1, $2, $3, $4, $5, $6)", binds)
-        }
-        return try Self.outcome(of: rows.rows[0])!
-    }
-
-    /// `"from":...,"to":...,"amount":...,"currency":...,"metadata":...`: what the SQL functions read of a request.
-    static func appendMovement(of request: TransferRequest, to json: inout String) {
-        json += "\"from\":\(request.from.map(JSONValue.quoted) ?? "null"),\"to\":\(request.to.map(JSONValue.quoted) ?? "null")"
-        json += ",\"amount\":\(request.amount),\"currency\":\(JSONValue.quoted(request.currency))"
-        json += ",\"metadata\":\(request.metadataJSON)"
-        if let version = request.ifMatch { json += ",\"if_match\":\(version)" }
-    }
-
-    /// The outcome a row of post_transfer or post_transfers names; nil for `busy`.
-    static func outcome(of row: PostgresRow) throws -> PostOutcome? {
-        let status = try row.decode(Int.self, "status_code")
-        switch try row.decode(String.self, "outcome") {
-        case "executed": return .executed(status: status, body: try row.decode(String.self, "response_body"))
-        case "replayed": return .replayed(status: status, body: try row.decode(String.self, "response_body"))
-        case "reused": return .reused
-        case "in_progress": return .inProgress
-        case "busy": return nil
-        case let other:
-            throw PostgresError(code: .decoding, message: "unknown outcome \(other) from the database")
+        try await mappingErrors {
+            var items = "["
+            items.reserveCapacity(batch.transfers.count * 96)
+            for (index, request) in batch.transfers.enumerated() {
+                items += index > 0 ? ",{" : "{"
+                TransferExecutor.appendMovement(of: request, to: &items)
+                items += "}"
+            }
+            items += "]"
+            let binds: [PostgresBind] = [
+                .string(client), .string(key.value), .string(batch.fingerprintText), .bool(batch.atomic), .json(items),
+                .int32(Int32(clamping: options.keyWaitMilliseconds)),
+            ]
+            let rows = try await retryingConflicts {
+                try await pool.query(
+                    "SELECT outcome, status_code, response_body FROM ledger.post_batch($1, $2, $3, $4, $5, $6)", binds)
+            }
+            return try TransferExecutor.outcome(of: rows.rows[0])!
         }
     }
 
     /// The transfer's JSON, or nil when the client has no such transfer.
     public func transfer(client: String, id: String) async throws -> String? {
-        // Ids are decimal integers as the API writes them: anything else, such as `01` for `1`, names no transfer.
-        guard id.utf8.count <= 19, id.utf8.first != UInt8(ascii: "0"), id.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
-            let number = Int64(id)
-        else {
-            return nil
+        try await mappingErrors {
+            // Ids are decimal integers as the API writes them: anything else, such as `01` for `1`, names no transfer.
+            guard id.utf8.count <= 19, id.utf8.first != UInt8(ascii: "0"), id.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
+                let number = Int64(id)
+            else {
+                return nil
+            }
+            let rows = try await pool.query(
+                "SELECT ledger.transfer_json(t) AS body FROM ledger.transfers t WHERE t.client_id = $1 AND t.id = $2",
+                [.string(client), .int64(number)])
+            return try rows.first?.decode(String.self, "body")
         }
-        let rows = try await pool.query(
-            "SELECT ledger.transfer_json(t) AS body FROM ledger.transfers t WHERE t.client_id = $1 AND t.id = $2",
-            [.string(client), .int64(number)])
-        return try rows.first?.decode(String.self, "body")
     }
 
     // MARK: Accounts
@@ -208,56 +156,64 @@ public struct LedgerStore: Sendable {
     }
 
     public func putAccount(client: String, id: String, request: AccountRequest) async throws -> PutAccountOutcome {
-        let rows = try await retryingConflicts {
-            try await pool.query(
-                "SELECT status_code, response_body FROM ledger.put_account($1, $2, $3, $4)",
-                [.string(client), .string(id), .string(request.currency), .bool(request.allowNegative)])
-        }
-        let row = rows.rows[0]
-        switch try row.decode(Int.self, "status_code") {
-        case 201: return .created(body: try row.decode(String.self, "response_body"))
-        case 200: return .unchanged(body: try row.decode(String.self, "response_body"))
-        default: return .conflict
+        try await mappingErrors {
+            let rows = try await retryingConflicts {
+                try await pool.query(
+                    "SELECT status_code, response_body FROM ledger.put_account($1, $2, $3, $4)",
+                    [.string(client), .string(id), .string(request.currency), .bool(request.allowNegative)])
+            }
+            let row = rows.rows[0]
+            switch try row.decode(Int.self, "status_code") {
+            case 201: return .created(body: try row.decode(String.self, "response_body"))
+            case 200: return .unchanged(body: try row.decode(String.self, "response_body"))
+            default: return .conflict
+            }
         }
     }
 
     /// The account's JSON, or nil when the client has no such account.
     public func account(client: String, id: String) async throws -> String? {
-        let rows = try await pool.query(
-            "SELECT ledger.account_json(a) AS body FROM ledger.accounts a WHERE a.client_id = $1 AND a.id = $2",
-            [.string(client), .string(id)])
-        return try rows.first?.decode(String.self, "body")
+        try await mappingErrors {
+            let rows = try await pool.query(
+                "SELECT ledger.account_json(a) AS body FROM ledger.accounts a WHERE a.client_id = $1 AND a.id = $2",
+                [.string(client), .string(id)])
+            return try rows.first?.decode(String.self, "body")
+        }
     }
 
     /// One page of entries as `{"entries":[...],"next_cursor":...}`, or nil when the account does not exist.
     public func entries(client: String, account: String, page: EntriesPage) async throws -> String? {
-        let rows = try await pool.query(
-            "SELECT entries_json, last_version, has_more FROM ledger.entries_page($1, $2, $3, $4)",
-            [
-                .string(client), .string(account), page.beforeVersion.map { .int64($0) } ?? .null,
-                .int32(Int32(page.limit)),
-            ])
-        guard let row = rows.first else { return nil }
-        let entries = try row.decode(String.self, "entries_json")
-        var cursor = "null"
-        if try row.decode(Bool.self, "has_more"), let last = try row.decodeIfPresent(Int64.self, "last_version") {
-            let key = try await cursorKey()
-            cursor = JSONValue.quoted(key.encode(client: client, account: account, beforeVersion: last))
+        try await mappingErrors {
+            let rows = try await pool.query(
+                "SELECT entries_json, last_version, has_more FROM ledger.entries_page($1, $2, $3, $4)",
+                [
+                    .string(client), .string(account), page.beforeVersion.map { .int64($0) } ?? .null,
+                    .int32(Int32(page.limit)),
+                ])
+            guard let row = rows.first else { return nil }
+            let entries = try row.decode(String.self, "entries_json")
+            var cursor = "null"
+            if try row.decode(Bool.self, "has_more"), let last = try row.decodeIfPresent(Int64.self, "last_version") {
+                let key = try await cursorKey()
+                cursor = JSONValue.quoted(key.encode(client: client, account: account, beforeVersion: last))
+            }
+            return "{\"entries\":\(entries),\"next_cursor\":\(cursor)}"
         }
-        return "{\"entries\":\(entries),\"next_cursor\":\(cursor)}"
     }
 
     /// The key that signs entries-page cursors (`ledger.service_keys`, made by `sql/0006_cursor_key.sql`): the
     /// same for every replica of one database. Read once, then kept for the life of the process.
     public func cursorKey() async throws -> CursorKey {
-        if let key = cursorKeyCache.key.withLock({ $0 }) { return key }
-        let rows = try await pool.query("SELECT key FROM ledger.service_keys WHERE name = 'cursor'")
-        guard let row = rows.first else {
-            throw PostgresError(code: .unexpected, message: "ledger.service_keys holds no cursor key: run ledger migrate")
+        try await mappingErrors {
+            if let key = cursorKeyCache.key.withLock({ $0 }) { return key }
+            let rows = try await pool.query("SELECT key FROM ledger.service_keys WHERE name = 'cursor'")
+            guard let row = rows.first else {
+                throw PostgresError(code: .unexpected, message: "ledger.service_keys holds no cursor key: run ledger migrate")
+            }
+            let key = CursorKey(bytes: Array(try row.decode(Data.self, "key")))
+            cursorKeyCache.key.withLock { $0 = key }
+            return key
         }
-        let key = CursorKey(bytes: Array(try row.decode(Data.self, "key")))
-        cursorKeyCache.key.withLock { $0 = key }
-        return key
     }
 
     // MARK: Clients and tokens
@@ -265,25 +221,29 @@ public struct LedgerStore: Sendable {
     /// The client a bearer token acts for, or nil for an unknown token. Looked up by SHA-256: the token itself is
     /// never stored nor sent to the database.
     public func client(forToken token: String) async throws -> String? {
-        let rows = try await pool.query(
-            "SELECT client_id FROM ledger.api_tokens WHERE token_sha256 = $1", [.bytea(Self.tokenDigest(token))])
-        return try rows.first?.decode(String.self, "client_id")
+        try await mappingErrors {
+            let rows = try await pool.query(
+                "SELECT client_id FROM ledger.api_tokens WHERE token_sha256 = $1", [.bytea(Self.tokenDigest(token))])
+            return try rows.first?.decode(String.self, "client_id")
+        }
     }
 
     /// Creates the client if new and a new token for it; returns the token, which is not stored anywhere.
     public func createToken(client: String) async throws -> String {
-        precondition(LedgerRules.isValidAccountID(client), "client names follow the account id pattern")
-        var generator = SystemRandomNumberGenerator()
-        let secret = (0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) }
-        let token = "ldg_" + secret.map { String(format: "%02x", $0) }.joined()
-        try await pool.withTransaction { connection in
-            try await connection.query(
-                "INSERT INTO ledger.clients (id) VALUES ($1) ON CONFLICT DO NOTHING", [.string(client)])
-            try await connection.query(
-                "INSERT INTO ledger.api_tokens (token_sha256, client_id) VALUES ($1, $2)",
-                [.bytea(Self.tokenDigest(token)), .string(client)])
+        try await mappingErrors {
+            precondition(LedgerRules.isValidAccountID(client), "client names follow the account id pattern")
+            var generator = SystemRandomNumberGenerator()
+            let secret = (0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            let token = "ldg_" + Hex.encode(secret)
+            try await pool.withTransaction { connection in
+                try await connection.query(
+                    "INSERT INTO ledger.clients (id) VALUES ($1) ON CONFLICT DO NOTHING", [.string(client)])
+                try await connection.query(
+                    "INSERT INTO ledger.api_tokens (token_sha256, client_id) VALUES ($1, $2)",
+                    [.bytea(Self.tokenDigest(token)), .string(client)])
+            }
+            return token
         }
-        return token
     }
 
     public static func tokenDigest(_ token: String) -> Data {
@@ -294,7 +254,35 @@ public struct LedgerStore: Sendable {
 
     /// `SELECT 1`: the database answers.
     public func ping() async throws {
-        try await pool.query("SELECT 1")
+        try await mappingErrors {
+            try await pool.query("SELECT 1")
+        }
+    }
+
+    /// A snapshot of the connection pool, for metrics: the store's callers need not know the pool's type.
+    public struct PoolStatistics: Sendable, Equatable {
+        /// Connections leased to a request or a batch now.
+        public var inUse: Int
+        /// Open connections waiting in the pool.
+        public var idle: Int
+        /// Tasks waiting for a connection.
+        public var waiting: Int
+    }
+
+    public func poolStatistics() -> PoolStatistics {
+        let stats = pool.stats
+        return PoolStatistics(inUse: stats.inUse, idle: stats.idle, waiting: stats.waiting)
+    }
+
+    /// Applies `migrator`'s pending migrations on this store's database; returns the names applied now.
+    @discardableResult
+    public func migrate(_ migrator: Migrator) async throws -> [String] {
+        try await mappingErrors { try await migrator.migrate(pool: pool) }
+    }
+
+    /// Closes every connection; calls after this fail as unavailable. For graceful shutdown, after the last request.
+    public func close() async {
+        await pool.close()
     }
 
     public struct Breach: Sendable, Equatable, CustomStringConvertible {
@@ -306,32 +294,23 @@ public struct LedgerStore: Sendable {
 
     /// Every breached invariant of the contract (view `ledger.invariant_breaches`); empty on a healthy ledger.
     public func verify() async throws -> [Breach] {
-        let rows = try await pool.query(
-            "SELECT invariant, client_id, detail FROM ledger.invariant_breaches ORDER BY invariant, client_id, subject")
-        return try rows.rows.map { row in
-            Breach(
-                invariant: try row.decode(String.self, "invariant"), client: try row.decode(String.self, "client_id"),
-                detail: try row.decode(String.self, "detail"))
+        try await mappingErrors {
+            let rows = try await pool.query(
+                "SELECT invariant, client_id, detail FROM ledger.invariant_breaches ORDER BY invariant, client_id, subject")
+            return try rows.rows.map { row in
+                Breach(
+                    invariant: try row.decode(String.self, "invariant"), client: try row.decode(String.self, "client_id"),
+                    detail: try row.decode(String.self, "detail"))
+            }
         }
     }
 
     // MARK: Retries
 
-    /// Runs `body` again when the database rolled it back as a serialization failure or deadlock: by definition
-    /// nothing of it was committed, so running it again is safe. Bounded by `conflictRetriesMax`.
+    /// Runs `body` again after a serialization failure or deadlock, at most `conflictRetriesMax` times (see
+    /// `TransferExecutor.retryingConflicts`).
     func retryingConflicts<T: Sendable>(_ body: () async throws -> T) async throws -> T {
-        var attempt = 0
-        while true {
-            do {
-                return try await body()
-            } catch let error as PostgresError where error.isTransientConflict && attempt < options.conflictRetriesMax {
-                attempt += 1
-                logger.debug(
-                    "retrying after a transient conflict",
-                    metadata: ["db.sqlstate": "\(error.sqlState ?? "")", "retry.attempt": "\(attempt)"])
-                try await Task.sleep(for: .milliseconds(5 * attempt))
-            }
-        }
+        try await executor.retryingConflicts(body)
     }
 }
 
@@ -341,22 +320,24 @@ extension LedgerStore {
     /// Deletes stored responses older than `retention`, in batches of `batchSize`, until none is left or
     /// `batchesMax` batches ran. Returns how many were deleted.
     public func purgeStoredResponses(retention: Duration, batchSize: Int, batchesMax: Int) async throws -> Int {
-        precondition(batchSize >= 1 && batchesMax >= 1, "purge bounds must be positive")
-        let milliseconds = retention.components.seconds * 1_000 + retention.components.attoseconds / 1_000_000_000_000_000
-        var total = 0
-        for _ in 0..<batchesMax {
-            let deleted = try await pool.query(
-                "SELECT ledger.purge_idempotency_keys(make_interval(secs => $1::float8 / 1000), $2) AS deleted",
-                [.int64(milliseconds), .int32(Int32(clamping: batchSize))]
-            ).rows[0].decode(Int.self, "deleted")
-            total += deleted
-            if deleted < batchSize { break }
+        try await mappingErrors {
+            precondition(batchSize >= 1 && batchesMax >= 1, "purge bounds must be positive")
+            let milliseconds = retention.components.seconds * 1_000 + retention.components.attoseconds / 1_000_000_000_000_000
+            var total = 0
+            for _ in 0..<batchesMax {
+                let deleted = try await pool.query(
+                    "SELECT ledger.purge_idempotency_keys(make_interval(secs => $1::float8 / 1000), $2) AS deleted",
+                    [.int64(milliseconds), .int32(Int32(clamping: batchSize))]
+                ).rows[0].decode(Int.self, "deleted")
+                total += deleted
+                if deleted < batchSize { break }
+            }
+            return total
         }
-        return total
     }
 }
 
-/// Shared by a store and its batching copy: the cursor key, once read.
+/// The cursor key, once read: a class, so that every copy of a store shares what one of them read.
 final class CursorKeyCache: Sendable {
     let key = Mutex<CursorKey?>(nil)
 }

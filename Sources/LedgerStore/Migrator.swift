@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import LedgerCore
 import Logging
 import PostgresClient
 
@@ -70,7 +71,7 @@ public struct Migrator: Sendable {
             }
             guard migrations.last?.version != version else { throw Failure.duplicateVersion(version) }
             let sql = try String(contentsOf: directory.appendingPathComponent(name), encoding: .utf8)
-            let digest = SHA256.hash(data: Data(sql.utf8)).map { String(format: "%02x", $0) }.joined()
+            let digest = Hex.encode(SHA256.hash(data: Data(sql.utf8)))
             migrations.append(Migration(version: version, name: name, sql: sql, sha256: digest))
         }
         return Migrator(migrations: migrations, logger: logger)

@@ -26,11 +26,11 @@ final class TransferBatcher: Sendable {
     private let state = Mutex(State())
     private let batchMax: Int
     private let driversMax: Int
-    private let store: LedgerStore
+    private let executor: TransferExecutor
 
-    init(store: LedgerStore, batchMax: Int, driversMax: Int) {
+    init(executor: TransferExecutor, batchMax: Int, driversMax: Int) {
         precondition(batchMax >= 2 && driversMax >= 1, "a batcher needs batches of 2 or more and a driver")
-        self.store = store
+        self.executor = executor
         self.batchMax = batchMax
         self.driversMax = driversMax
     }
@@ -75,7 +75,7 @@ final class TransferBatcher: Sendable {
         }
         let outcomes: [LedgerStore.PostOutcome?]
         do {
-            outcomes = try await store.postTogether(client: batch[0].client, items: batch.map { ($0.key, $0.request) })
+            outcomes = try await executor.postTogether(client: batch[0].client, items: batch.map { ($0.key, $0.request) })
         } catch let error as PostgresError where error.isConnectionError {
             // The COMMIT's outcome is unknown, or nothing ran: every request answers 503, and its retry replays or
             // executes once.
@@ -102,7 +102,7 @@ final class TransferBatcher: Sendable {
     private func runAlone(_ pending: Pending) async {
         do {
             pending.continuation.resume(
-                returning: try await store.postAlone(client: pending.client, key: pending.key, request: pending.request))
+                returning: try await executor.postAlone(client: pending.client, key: pending.key, request: pending.request))
         } catch {
             pending.continuation.resume(throwing: error)
         }

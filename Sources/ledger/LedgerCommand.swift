@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import LedgerCore
 import LedgerHTTP
+import LedgerMaintenance
 import LedgerStore
 import Logging
 import PostgresClient
@@ -12,7 +13,7 @@ struct LedgerCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ledger",
         abstract: "An idempotent, double-entry wallet service on PostgreSQL.",
-        subcommands: [Serve.self, Migrate.self, Token.self, Verify.self, Purge.self, Bench.self]
+        subcommands: [Serve.self, Migrate.self, Token.self, Verify.self, Purge.self, Routes.self, Bench.self]
     )
 }
 
@@ -33,16 +34,18 @@ struct DatabaseOptions: ParsableArguments {
 
     /// Runs a short command's work on a one-connection store, closes it, and turns database failures into a
     /// one-line message and exit code 2. `statement_timeout` is off: these commands may scan the whole ledger.
+    /// No group commit (`batchMax` 1): these commands post no transfers.
     func withStore<T: Sendable>(logger: Logger, _ body: (LedgerStore) async throws -> T) async throws -> T {
         let pool = PostgresPool(
             configuration: PostgresConfiguration(conninfo: conninfo, statementTimeoutMilliseconds: 0, poolSizeMax: 1),
             logger: logger)
+        let store = LedgerStore(pool: pool, options: .init(batchMax: 1), logger: logger)
         do {
-            let value = try await withDatabaseErrors { try await body(LedgerStore(pool: pool, logger: logger)) }
-            await pool.close()
+            let value = try await withDatabaseErrors { try await body(store) }
+            await store.close()
             return value
         } catch {
-            await pool.close()
+            await store.close()
             throw error
         }
     }
@@ -112,7 +115,7 @@ extension LedgerCommand {
             let logger = try database.makeLogger(label: "ledger.migrate")
             let directory = try sqlDirectory.map { URL(fileURLWithPath: $0) } ?? Migrator.locateDirectory()
             let migrator = try Migrator.load(directory: directory, logger: logger)
-            let applied = try await database.withStore(logger: logger) { try await migrator.migrate(pool: $0.pool) }
+            let applied = try await database.withStore(logger: logger) { try await $0.migrate(migrator) }
             print(applied.isEmpty ? "ledger migrate: up to date" : "ledger migrate: applied \(applied.joined(separator: ", "))")
         }
     }
@@ -164,6 +167,17 @@ extension LedgerCommand {
 }
 
 extension LedgerCommand {
+    struct Routes: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Print the HTTP routes, one per line as METHOD /path/{param}, in the order of the route table.")
+
+        func run() {
+            for line in LedgerAPI.routeDescriptions { print(line) }
+        }
+    }
+}
+
+extension LedgerCommand {
     struct Purge: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Delete stored responses older than the retention time, in bounded batches, and print how many. A key that made a transfer still answers with that transfer afterwards; a purged stored failure lets its key execute afresh.")
@@ -209,7 +223,11 @@ struct RetentionFlags: ParsableArguments {
 func withDatabaseErrors<T>(_ body: () async throws -> T) async throws -> T {
     do {
         return try await body()
+    } catch let error as LedgerStoreError {
+        FileHandle.standardError.write(Data("ledger: database error: \(error.debugDescription)\n".utf8))
+        throw ExitCode(2)
     } catch let error as PostgresError {
+        // Raised outside the store (the pool itself); the same message as a store error.
         FileHandle.standardError.write(Data("ledger: database error: \(error.debugDescription)\n".utf8))
         throw ExitCode(2)
     } catch let error as Migrator.Failure {

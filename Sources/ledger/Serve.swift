@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Hummingbird
 import LedgerHTTP
+import LedgerMaintenance
 import LedgerStore
 import Metrics
 import PostgresClient
@@ -96,37 +97,43 @@ extension LedgerCommand {
                     try Environment.int(
                         "LEDGER_POOL_ACQUIRE_WAIT_MS", flag: poolAcquireWaitMilliseconds, default: 5_000, range: 1...600_000))
             )
+            let retryAfter = try Environment.int(
+                "LEDGER_RETRY_AFTER_S", flag: retryAfterSeconds, default: 1, range: 0...3_600)
+            let storeOptions = LedgerStore.Options(
+                keyWaitMilliseconds: try Environment.int(
+                    "LEDGER_KEY_WAIT_MS", flag: keyWaitMilliseconds, default: 5_000, range: 1...600_000),
+                conflictRetriesMax: try Environment.int(
+                    "LEDGER_CONFLICT_RETRIES_MAX", flag: conflictRetriesMax, default: 3, range: 0...100),
+                batchMax: try Environment.int("LEDGER_BATCH_MAX", flag: batchMax, default: 16, range: 1...1_000),
+                batchConcurrencyMax: try Environment.int(
+                    "LEDGER_BATCH_CONCURRENCY_MAX", flag: batchConcurrencyMax, default: 2, range: 1...1_000),
+                replayCacheBytesMax: try Environment.int(
+                    "LEDGER_REPLAY_CACHE_BYTES_MAX", flag: replayCacheBytesMax, default: 8 << 20, range: 0...(1 << 30)),
+                retryAfterSeconds: retryAfter)
             let configuration = ServeConfiguration(
                 hostname: hostname ?? Environment.string("HOST") ?? "127.0.0.1",
                 port: try Environment.int("PORT", flag: port, default: 8080, range: 0...65_535),
-                postgres: postgres,
-                store: LedgerStore.Options(
-                    keyWaitMilliseconds: try Environment.int(
-                        "LEDGER_KEY_WAIT_MS", flag: keyWaitMilliseconds, default: 5_000, range: 1...600_000),
-                    conflictRetriesMax: try Environment.int(
-                        "LEDGER_CONFLICT_RETRIES_MAX", flag: conflictRetriesMax, default: 3, range: 0...100),
-                    batchMax: try Environment.int("LEDGER_BATCH_MAX", flag: batchMax, default: 16, range: 1...1_000),
-                    batchConcurrencyMax: try Environment.int(
-                        "LEDGER_BATCH_CONCURRENCY_MAX", flag: batchConcurrencyMax, default: 2, range: 1...1_000),
-                    replayCacheBytesMax: try Environment.int(
-                        "LEDGER_REPLAY_CACHE_BYTES_MAX", flag: replayCacheBytesMax, default: 8 << 20, range: 0...(1 << 30))),
                 http: HTTPOptions(
                     bodyBytesMax: try Environment.int(
                         "LEDGER_BODY_BYTES_MAX", flag: bodyBytesMax, default: 65_536, range: 1...(64 << 20)),
                     batchBodyBytesMax: try Environment.int(
                         "LEDGER_BATCH_BODY_BYTES_MAX", flag: batchBodyBytesMax, default: 1_048_576, range: 1...(64 << 20)),
-                    retryAfterSeconds: try Environment.int(
-                        "LEDGER_RETRY_AFTER_S", flag: retryAfterSeconds, default: 1, range: 0...3_600),
+                    retryAfterSeconds: retryAfter,
                     authCacheTTL: .milliseconds(
                         try Environment.int(
                             "LEDGER_AUTH_CACHE_TTL_MS", flag: authCacheTTLMilliseconds, default: 30_000, range: 0...3_600_000))),
-                retention: try retention.options(purgeIntervalSeconds: purgeIntervalSeconds),
                 migrateAtStart: !(noMigrate || Environment.bool("LEDGER_NO_MIGRATE")),
                 migrationsDirectory: sqlDirectory ?? Environment.string("LEDGER_SQL_DIR")
             )
             let registry = PrometheusCollectorRegistry()
             MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
-            let app = try buildApplication(configuration: configuration, metricsRegistry: registry, logger: logger)
+            // The store answers 503s with the same Retry-After as the HTTP layer's 409s: one flag, both layers.
+            let store = LedgerStore(
+                pool: PostgresPool(configuration: postgres, logger: logger), options: storeOptions, logger: logger)
+            let purge = PurgeService(
+                store: store, options: try retention.options(purgeIntervalSeconds: purgeIntervalSeconds), logger: logger)
+            let app = try buildApplication(
+                store: store, configuration: configuration, services: [purge], metricsRegistry: registry, logger: logger)
             // SIGTERM/SIGINT: stop accepting, let in-flight requests finish (bounded), then close the pool.
             var group = ServiceGroupConfiguration(
                 services: [app], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)

@@ -1,3 +1,4 @@
+import HTTPTypes
 import LedgerCore
 import Testing
 
@@ -5,18 +6,21 @@ import Testing
 
 @Suite("Routing, credentials and request ids")
 struct RoutingTests {
-    typealias Route = LedgerAPI.Route
+    func match(_ path: String) -> RouteMatch? { RouteMatch.find(path, in: LedgerAPI.routes) }
 
     @Test(
-        "paths map to routes; anything else is unmatched",
+        "paths map to route patterns and their parameters; anything else is unmatched",
         arguments: [
-            ("/health", Route.health), ("/metrics", .metrics), ("/openapi.yaml", .openAPI),
-            ("/v1/credits", .post(.credit)), ("/v1/debits", .post(.debit)), ("/v1/transfers", .post(.transfer)),
-            ("/v1/accounts/alice", .account("alice")), ("/v1/accounts/a%3Ab/entries", .entries("a%3Ab")),
-            ("/v1/transfers/42", .transfer("42")),
-        ] as [(String, Route)])
-    func matches(path: String, route: Route) {
-        #expect(Route.match(path) == route)
+            ("/health", "/health", [:]), ("/metrics", "/metrics", [:]), ("/openapi.yaml", "/openapi.yaml", [:]),
+            ("/v1/credits", "/v1/credits", [:]), ("/v1/debits", "/v1/debits", [:]),
+            ("/v1/transfers", "/v1/transfers", [:]), ("/v1/transfers/batch", "/v1/transfers/batch", [:]),
+            ("/v1/accounts/alice", "/v1/accounts/{id}", ["id": "alice"]),
+            ("/v1/accounts/a%3Ab/entries", "/v1/accounts/{id}/entries", ["id": "a%3Ab"]),
+            ("/v1/transfers/42", "/v1/transfers/{id}", ["id": "42"]),
+        ] as [(String, String, [String: String])])
+    func matches(path: String, pattern: String, parameters: [String: String]) {
+        #expect(match(path)?.label == pattern)
+        #expect(match(path)?.parameters == parameters)
     }
 
     @Test(
@@ -26,16 +30,35 @@ struct RoutingTests {
             "/v2/credits", "/V1/credits", "/v1/accounts/a/b", "/v1/accounts/", "/v1/transfers/", "/v1/accounts//entries",
         ])
     func unmatched(path: String) {
-        #expect(Route.match(path) == nil)
+        #expect(match(path) == nil)
     }
 
-    @Test("route labels are templates, never ids")
-    func labels() {
-        #expect(Route.account("secret-id").label == "/v1/accounts/{id}")
-        #expect(Route.entries("secret-id").label == "/v1/accounts/{id}/entries")
-        #expect(Route.transfer("123").label == "/v1/transfers/{id}")
-        #expect(Route.account("x").methods.map(\.rawValue) == ["GET", "PUT"])
-        #expect(Route.post(.credit).methods.map(\.rawValue) == ["POST"])
+    @Test("a path's methods, in table order, are its Allow; route labels are templates, never ids")
+    func methodsAndLabels() {
+        #expect(match("/v1/accounts/secret-id")?.allow == ["GET", "PUT"])
+        #expect(match("/v1/accounts/secret-id")?.route(for: .put)?.label == "/v1/accounts/{id}")
+        #expect(match("/v1/accounts/secret-id")?.route(for: .delete) == nil)
+        #expect(match("/v1/credits")?.allow == ["POST"])
+        #expect(match("/v1/transfers/batch")?.allow == ["POST"], "batch is the batch route, not a transfer id")
+        #expect(match("/v1/transfers/123")?.allow == ["GET"])
+    }
+
+    @Test("only the batch route has the batch body limit")
+    func bodyLimits() {
+        let options = HTTPOptions(bodyBytesMax: 10, batchBodyBytesMax: 20)
+        for route in LedgerAPI.routes {
+            let expected = route.pattern == "/v1/transfers/batch" ? 20 : 10
+            #expect(route.bodyLimit.bytes(options) == expected, "\(route.method) \(route.pattern)")
+        }
+    }
+
+    @Test("the table has one entry per method and pattern, and `ledger routes` prints it in order")
+    func table() {
+        let lines = LedgerAPI.routeDescriptions
+        #expect(Set(lines).count == lines.count)
+        #expect(lines.first == "GET /health")
+        #expect(lines.contains("GET /v1/accounts/{id}/entries"))
+        #expect(lines.count == LedgerAPI.routes.count)
     }
 
     @Test("bearer credentials")

@@ -9,7 +9,7 @@ import Testing
 @Suite("Replay cache")
 struct ReplayCacheTests {
     func makeStore(cacheBytes: Int) async throws -> LedgerStore {
-        let store = try await TestDatabase.migratedStore(poolSizeMax: 4, options: .init(replayCacheBytesMax: cacheBytes))
+        let store = try await TestDatabase.migratedStore(poolSizeMax: 4, options: .init(batchMax: 1, replayCacheBytesMax: cacheBytes))
         try await store.prepare(client: "acme", accounts: ["alice"])
         return store
     }

@@ -3,8 +3,11 @@ import LedgerStore
 import LedgerTestSupport
 
 extension TestDatabase {
-    /// A store on a new database of its own, with every migration of the repository's `sql/` applied.
-    static func migratedStore(poolSizeMax: Int, options: LedgerStore.Options = .init()) async throws -> LedgerStore {
+    /// A store on a new database of its own, with every migration of the repository's `sql/` applied. Without group
+    /// commit unless `options` asks for it: most tests check one request's own transaction.
+    static func migratedStore(
+        poolSizeMax: Int, options: LedgerStore.Options = .init(batchMax: 1)
+    ) async throws -> LedgerStore {
         let pool = try await pool(poolSizeMax: poolSizeMax)
         try await Migrator.load(directory: MigratorTests.repositorySQL, logger: logger).migrate(pool: pool)
         return LedgerStore(pool: pool, options: options, logger: logger)

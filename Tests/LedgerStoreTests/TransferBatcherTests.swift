@@ -9,7 +9,7 @@ import Testing
 @Suite("Batched execution (group commit)")
 struct TransferBatcherTests {
     func makeStore() async throws -> LedgerStore {
-        try await TestDatabase.migratedStore(poolSizeMax: 4, options: .init(batchMax: 16)).batching()
+        try await TestDatabase.migratedStore(poolSizeMax: 4, options: .init(batchMax: 16))
     }
 
     func request(_ kind: TransferRequest.Kind, _ body: String) throws -> TransferRequest {

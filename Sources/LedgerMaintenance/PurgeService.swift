@@ -27,12 +27,20 @@ public struct RetentionOptions: Sendable {
 
 /// Purges stored responses past their retention every `purgeInterval`, until graceful shutdown. A failed run (the
 /// database is down, say) is logged and tried again at the next interval.
-struct PurgeService: Service {
+///
+/// Not part of the HTTP layer: it serves no request, and `ledger serve` adds it beside the HTTP server.
+public struct PurgeService: Service {
     let store: LedgerStore
     let options: RetentionOptions
     let logger: Logger
 
-    func run() async throws {
+    public init(store: LedgerStore, options: RetentionOptions, logger: Logger) {
+        self.store = store
+        self.options = options
+        self.logger = logger
+    }
+
+    public func run() async throws {
         // The first run waits one interval: at start, migrations may still be running.
         do {
             try await cancelWhenGracefulShutdown {

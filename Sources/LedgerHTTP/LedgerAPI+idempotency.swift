@@ -1,0 +1,43 @@
+import Hummingbird
+import LedgerCore
+import LedgerStore
+
+/// What every idempotent POST shares: the Idempotency-Key header, and the answer built from the stored outcome.
+extension LedgerAPI {
+    /// The Idempotency-Key of a POST, then its media type: the contract checks the key before the body.
+    func idempotencyKey(_ request: Request) throws -> IdempotencyKey {
+        let key = try IdempotencyKey.parse(headerValues: request.headers[values: .idempotencyKey]).get()
+        try checkContentType(request)
+        return key
+    }
+
+    /// The answer to an idempotent POST: its stored outcome, or 422 reused, or 409 in progress.
+    func answer(_ outcome: LedgerStore.PostOutcome, trace: RequestTrace) throws -> Response {
+        switch outcome {
+        case .executed(let status, let json):
+            return answer(status: status, body: json, replayed: false, trace: trace)
+        case .replayed(let status, let json):
+            return answer(status: status, body: json, replayed: true, trace: trace)
+        case .reused:
+            trace.idempotencyOutcome = "reused"
+            LedgerMetrics.idempotency(outcome: "reused")
+            throw Problem.idempotencyKeyReused
+        case .inProgress:
+            trace.idempotencyOutcome = "in_progress"
+            LedgerMetrics.idempotency(outcome: "in_progress")
+            throw Problem.idempotencyKeyInProgress(retryAfterSeconds: options.retryAfterSeconds)
+        }
+    }
+
+    /// A stored outcome (201 or a stored problem), first time or replayed, with `Idempotent-Replayed`.
+    private func answer(status: Int, body: String, replayed: Bool, trace: RequestTrace) -> Response {
+        let outcome = replayed ? "replayed" : "executed"
+        trace.idempotencyOutcome = outcome
+        LedgerMetrics.idempotency(outcome: outcome)
+        if status != 201, let code = Problem.code(ofJSON: body) {
+            trace.problemCode = code
+            if !replayed { LedgerMetrics.businessProblem(code: code) }
+        }
+        return .json(status: status, body: body, headers: [.idempotentReplayed: replayed ? "true" : "false"])
+    }
+}

@@ -1,0 +1,23 @@
+import Foundation
+import Hummingbird
+import LedgerCore
+import LedgerStore
+
+/// Credits, debits and transfers: `POST /v1/credits`, `/v1/debits`, `/v1/transfers` and `GET /v1/transfers/{id}`.
+extension LedgerAPI {
+    /// One credit, debit or transfer, exactly once per Idempotency-Key: the key, then the body, then the store.
+    func postTransfer(_ kind: TransferRequest.Kind, _ call: RouteCall) async throws -> Response {
+        let key = try idempotencyKey(call.request)
+        let transfer = try TransferRequest.decode(kind: kind, body: call.body).get()
+        return try answer(try await store.post(client: call.client, key: key, request: transfer), trace: call.trace)
+    }
+
+    func getTransfer(_ call: RouteCall) async throws -> Response {
+        let rawID = call.parameter("id")
+        let id = rawID.removingPercentEncoding ?? rawID
+        guard let json = try await store.transfer(client: call.client, id: id) else {
+            throw Problem.transferNotFound(id)
+        }
+        return .json(status: 200, body: json)
+    }
+}
