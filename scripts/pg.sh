@@ -75,7 +75,9 @@ free_port() {
 
 # port_free HOST PORT: whether a server could listen on HOST:PORT now (nothing else listens there).
 port_free() {
-  "$(system_python)" -c '
+  local python
+  python=$(system_python) || return 0 # cannot tell: the server itself will say
+  "$python" -c '
 import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])
 try:
