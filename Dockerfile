@@ -1,7 +1,7 @@
 # Ledger: a multi-stage build. `docker compose up` uses it (see docker-compose.yml).
 #
 #   build    Swift toolchain + libpq-dev: compiles `ledger` in release mode.
-#   test     build + psql and pytest: runs scripts/test against the compose PostgreSQL (profile `integration`).
+#   test     build + psql and a Python venv with pytest: runs scripts/test against the compose PostgreSQL (profile `integration`).
 #   runtime  Debian slim with libpq5 only: the `ledger` binary, its resources and sql/.
 
 FROM swift:6.2-bookworm AS build
@@ -21,11 +21,13 @@ RUN swift build -c release --product ledger --static-swift-stdlib \
  && cp -R "$bin"/*.resources /out/
 
 FROM build AS test
+# The Python packages in the venv scripts/test uses (.venv-test, kept out of the build context by .dockerignore).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends postgresql-client python3 python3-pip \
+ && apt-get install -y --no-install-recommends postgresql-client-15 python3 python3-venv \
  && rm -rf /var/lib/apt/lists/* \
- && python3 -m pip install --no-cache-dir --break-system-packages \
-      pytest requests pyyaml openapi-spec-validator schemathesis
+ && /usr/bin/python3 -m venv /src/.venv-test \
+ && /src/.venv-test/bin/python -m pip install --no-cache-dir --disable-pip-version-check \
+      pytest requests pyyaml openapi-spec-validator 'schemathesis>=4,<5'
 COPY . /src
 CMD ["scripts/test"]
 

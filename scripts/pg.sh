@@ -12,26 +12,83 @@ pg_bin_dir() {
   return 1
 }
 
-# Installs what building and testing need, if missing (Debian): the PostgreSQL server and libpq-dev.
-# `ensure_debian_packages client` leaves out the server (tests against a PostgreSQL running elsewhere).
+# Debian's python3 for the helpers' one-liners, so that they never depend on a pyenv or virtualenv found on PATH.
+system_python() {
+  if [ -x /usr/bin/python3 ]; then echo /usr/bin/python3; else command -v python3; fi
+}
+
+# What building and testing need from Debian: the newest PostgreSQL 15 server and client, libpq-dev, pkg-config, and
+# python3 with venv (scripts/test keeps its Python packages in a virtual environment: Debian's python3 is externally
+# managed). `ensure_debian_packages client` leaves out the server (tests against a PostgreSQL running elsewhere).
+#
+# As root it installs what is missing and upgrades what is older than Debian's candidate (security releases of
+# PostgreSQL come as point releases), refreshing the package lists at most once an hour. Otherwise it prints the
+# apt-get line to run.
 ensure_debian_packages() {
-  local missing=()
-  [ "${1:-}" = client ] || pg_bin_dir >/dev/null 2>&1 || missing+=(postgresql)
-  pkg-config --exists libpq 2>/dev/null || missing+=(libpq-dev)
-  command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
-  command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
-  [ ${#missing[@]} -eq 0 ] && return 0
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "missing Debian packages: ${missing[*]}; install them with: sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+  local wanted=(postgresql-client-15 libpq-dev pkg-config python3 python3-venv) todo=() pkg
+  [ "${1:-}" = client ] || wanted=(postgresql-15 "${wanted[@]}")
+  if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
+    # Not Debian: check for the tools themselves.
+    local missing=()
+    [ "${1:-}" = client ] || pg_bin_dir >/dev/null 2>&1 || missing+=("PostgreSQL server")
+    command -v psql >/dev/null 2>&1 || missing+=(psql)
+    command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+    pkg-config --exists libpq 2>/dev/null || missing+=("libpq headers")
+    [ ${#missing[@]} -eq 0 ] && return 0
+    echo "missing: ${missing[*]}; install them with your system's package manager" >&2
     return 1
   fi
-  echo "installing Debian packages: ${missing[*]}" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  if [ "$(id -u)" -ne 0 ]; then
+    for pkg in "${wanted[@]}"; do
+      dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || todo+=("$pkg")
+    done
+    [ ${#todo[@]} -eq 0 ] && return 0
+    echo "missing Debian packages: ${todo[*]}; install them with:" >&2
+    echo "  sudo apt-get update && sudo apt-get install -y ${wanted[*]}" >&2
+    return 1
+  fi
+  local stamp=/tmp/ledger-apt-update.stamp
+  if [ -z "$(find "$stamp" -mmin -60 2>/dev/null)" ]; then
+    if apt-get update -qq >/dev/null; then touch "$stamp"; else echo "apt-get update failed; using the package lists as they are" >&2; fi
+  fi
+  # Missing (Installed: (none), or not known at all) or older than the candidate.
+  mapfile -t todo < <(LC_ALL=C apt-cache policy "${wanted[@]}" 2>/dev/null | awk -v wanted="${wanted[*]}" '
+    /^[^ ].*:$/ { pkg = substr($0, 1, length($0) - 1); sub(/:[a-z0-9]+$/, "", pkg); seen[pkg] = 1 }
+    /^  Installed:/ { installed[pkg] = $2 }
+    /^  Candidate:/ { candidate[pkg] = $2 }
+    END {
+      n = split(wanted, names, " ")
+      for (i = 1; i <= n; i++) {
+        p = names[i]
+        if (!(p in seen) || installed[p] == "(none)" || (candidate[p] != "(none)" && installed[p] != candidate[p])) print p
+      }
+    }')
+  [ ${#todo[@]} -eq 0 ] && return 0
+  echo "installing or upgrading Debian packages: ${todo[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${todo[@]}" >/dev/null
 }
 
 # A free TCP port on 127.0.0.1.
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+  "$(system_python)" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# port_free HOST PORT: whether a server could listen on HOST:PORT now (nothing else listens there).
+port_free() {
+  local python
+  python=$(system_python) || return 0 # cannot tell: the server itself will say
+  "$python" -c '
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+try:
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    s = socket.socket(info[0], socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(info[4])
+    s.close()
+except OSError:
+    sys.exit(1)
+' "$1" "$2"
 }
 
 # Runs a PostgreSQL binary as the server's user.

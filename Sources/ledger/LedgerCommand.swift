@@ -13,6 +13,7 @@ struct LedgerCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ledger",
         abstract: "An idempotent, double-entry wallet service on PostgreSQL.",
+        version: ledgerVersion,
         subcommands: [Serve.self, Migrate.self, Token.self, Verify.self, Purge.self, Routes.self, Bench.self]
     )
 }

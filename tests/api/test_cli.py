@@ -1,5 +1,6 @@
 """The `ledger` command line: migrate, token create, verify, serve (flags, environment, signals), and /health 503."""
 
+import re
 import signal
 import subprocess
 import time
@@ -216,6 +217,20 @@ def test_verify_reports_one_line_per_breach(seeded_db):
     assert proc.returncode == 1
     n2 = len(breach_lines(proc))
     assert n2 >= n1 + 2, f"two more breaches must add two more lines ({n1} -> {n2}):\n{output(proc)}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --version
+
+
+def test_version_prints_the_version():
+    """`ledger --version` exits 0 and prints the version of Sources/ledger/Version.swift, the one place it is kept."""
+    proc = subprocess.run([lt.LEDGER_BIN, "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, output(proc)
+    printed = proc.stdout.strip()
+    assert re.fullmatch(r"\d+\.\d+\.\d+([-+][0-9A-Za-z.-]+)?", printed), f"not a version: {output(proc)!r}"
+    source = (lt.REPO / "Sources" / "ledger" / "Version.swift").read_text()
+    assert f'"{printed}"' in source, f"`ledger --version` printed {printed!r}, not the version of Version.swift"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
