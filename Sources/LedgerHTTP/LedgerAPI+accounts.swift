@@ -4,12 +4,18 @@ import LedgerStore
 
 /// Accounts: `GET` and `PUT /v1/accounts/{id}`, and `GET /v1/accounts/{id}/entries`.
 extension LedgerAPI {
+    /// The account with `ETag: "<version>"`; 304 with the tag and no body when `If-None-Match` matches it.
     func getAccount(_ call: RouteCall) async throws -> Response {
         let id = try accountID(fromPathSegment: call.parameter("id"))
-        guard let json = try await store.account(client: call.client, id: id) else {
+        guard let (json, version) = try await store.accountWithVersion(client: call.client, id: id) else {
             throw Problem.accountNotFound(id)
         }
-        return .json(status: 200, body: json)
+        let tag = Conditional.entityTag(version: version)
+        let noneMatch = call.request.headers[values: .ifNoneMatch].map { Substring($0) }
+        if !noneMatch.isEmpty && Conditional.noneMatchMatches(noneMatch, version: version) {
+            return Response(status: .notModified, headers: [.eTag: tag])
+        }
+        return .json(status: 200, body: json, headers: [.eTag: tag])
     }
 
     /// Naturally idempotent: 201 the first time, 200 when identical, 409 with other settings. The id is checked

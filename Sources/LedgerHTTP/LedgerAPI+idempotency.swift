@@ -6,9 +6,16 @@ import LedgerStore
 extension LedgerAPI {
     /// The Idempotency-Key of a POST, then its media type: the contract checks the key before the body.
     func idempotencyKey(_ request: Request) throws -> IdempotencyKey {
+        try conditionalKey(request, ifMatch: false).key
+    }
+
+    /// The Idempotency-Key, then `If-Match` (400 invalid-if-match right after the key, as the contract orders
+    /// them), then the media type. `ifMatch: false`: a route that takes no If-Match ignores it.
+    func conditionalKey(_ request: Request, ifMatch: Bool = true) throws -> (key: IdempotencyKey, version: Int64?) {
         let key = try IdempotencyKey.parse(headerValues: request.headers[values: .idempotencyKey]).get()
+        let version = ifMatch ? try Conditional.ifMatch(request.headers[values: .ifMatch].map { Substring($0) }).get() : nil
         try checkContentType(request)
-        return key
+        return (key, version)
     }
 
     /// The answer to an idempotent POST: its stored outcome, or 422 reused, or 409 in progress.
@@ -36,7 +43,10 @@ extension LedgerAPI {
         LedgerMetrics.idempotency(outcome: outcome)
         if status != 201, let code = Problem.code(ofJSON: body) {
             trace.problemCode = code
-            if !replayed { LedgerMetrics.businessProblem(code: code) }
+            if !replayed {
+                LedgerMetrics.businessProblem(code: code)
+                if code == "version-mismatch" { LedgerMetrics.preconditionFailed() }
+            }
         }
         return .json(status: status, body: body, headers: [.idempotentReplayed: replayed ? "true" : "false"])
     }

@@ -13,12 +13,18 @@ extension LedgerAPI {
         Route(.get, "/v1/accounts/{id}") { api, call in try await api.getAccount(call) },
         Route(.put, "/v1/accounts/{id}") { api, call in try await api.putAccount(call) },
         Route(.get, "/v1/accounts/{id}/entries") { api, call in try await api.getEntries(call) },
+        Route(.get, "/v1/accounts/{id}/holds") { api, call in try await api.getAccountHolds(call) },
         Route(.post, "/v1/credits") { api, call in try await api.postTransfer(.credit, call) },
         Route(.post, "/v1/debits") { api, call in try await api.postTransfer(.debit, call) },
         Route(.post, "/v1/transfers") { api, call in try await api.postTransfer(.transfer, call) },
         // Up to 1,000 transfers: a body limit of its own (`--batch-body-bytes-max`).
         Route(.post, "/v1/transfers/batch", bodyLimit: .batch) { api, call in try await api.postBatch(call) },
         Route(.get, "/v1/transfers/{id}") { api, call in try await api.getTransfer(call) },
+        Route(.post, "/v1/transfers/{id}/reversals") { api, call in try await api.postReversal(call) },
+        Route(.post, "/v1/holds") { api, call in try await api.postHold(call) },
+        Route(.get, "/v1/holds/{id}") { api, call in try await api.getHold(call) },
+        Route(.post, "/v1/holds/{id}/capture") { api, call in try await api.captureHold(call) },
+        Route(.post, "/v1/holds/{id}/void") { api, call in try await api.voidHold(call) },
     ]
 
     /// `GET /v1/accounts/{id}`, one line per route in table order: what `ledger routes` prints.

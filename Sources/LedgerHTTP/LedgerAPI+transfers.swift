@@ -7,14 +7,13 @@ import LedgerStore
 extension LedgerAPI {
     /// One credit, debit or transfer, exactly once per Idempotency-Key: the key, then the body, then the store.
     func postTransfer(_ kind: TransferRequest.Kind, _ call: RouteCall) async throws -> Response {
-        let key = try idempotencyKey(call.request)
-        let transfer = try TransferRequest.decode(kind: kind, body: call.body).get()
+        let (key, version) = try conditionalKey(call.request)
+        let transfer = try TransferRequest.decode(kind: kind, body: call.body).get().conditioned(on: version)
         return try answer(try await store.post(client: call.client, key: key, request: transfer), trace: call.trace)
     }
 
     func getTransfer(_ call: RouteCall) async throws -> Response {
-        let rawID = call.parameter("id")
-        let id = rawID.removingPercentEncoding ?? rawID
+        let id = pathID(call.parameter("id"))
         guard let json = try await store.transfer(client: call.client, id: id) else {
             throw Problem.transferNotFound(id)
         }

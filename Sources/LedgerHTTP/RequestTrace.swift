@@ -1,4 +1,5 @@
 import Foundation
+import LedgerCore
 import Logging
 import Metrics
 import LedgerStore
@@ -86,6 +87,26 @@ enum LedgerMetrics {
         Counter(
             label: "ledger_db_errors_total", dimensions: [("sqlstate_class", sqlClass), ("kind", error.databaseKind)]
         ).increment()
+    }
+
+    /// `ledger_holds_total{outcome}`: placed, captured, voided, or the code of the stored failure; replays are not
+    /// counted (they change nothing).
+    static func holdOutcome(_ outcome: LedgerStore.PostOutcome, action: String) {
+        guard case .executed(let status, let body) = outcome else { return }
+        let label = status < 300 ? action : (Problem.code(ofJSON: body) ?? "unknown")
+        counter("ledger_holds_total", [("outcome", label)]).increment()
+    }
+
+    /// `ledger_reversals_total{outcome}`: reversed, or the code of the stored failure.
+    static func reversalOutcome(_ outcome: LedgerStore.PostOutcome) {
+        guard case .executed(let status, let body) = outcome else { return }
+        let label = status < 300 ? "reversed" : (Problem.code(ofJSON: body) ?? "unknown")
+        counter("ledger_reversals_total", [("outcome", label)]).increment()
+    }
+
+    /// `ledger_precondition_failed_total`: a 412 version-mismatch executed (a stale If-Match).
+    static func preconditionFailed() {
+        counter("ledger_precondition_failed_total").increment()
     }
 
     static func pool(_ stats: LedgerStore.PoolStatistics) {

@@ -39,6 +39,7 @@ extension HTTPResponse.Status {
         case 404: return .notFound
         case 405: return .methodNotAllowed
         case 409: return .conflict
+        case 412: return .preconditionFailed
         case 413: return .contentTooLarge
         case 415: return .unsupportedMediaType
         case 422: return .unprocessableContent

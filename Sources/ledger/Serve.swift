@@ -80,6 +80,9 @@ extension LedgerCommand {
         @Option(name: .customLong("purge-interval-s"), help: "Seconds between background purges of stored responses past their retention (env: LEDGER_PURGE_INTERVAL_S; default: 60).")
         var purgeIntervalSeconds: Int?
 
+        @Option(name: .customLong("hold-sweep-interval-ms"), help: "Milliseconds between sweeps that record holds past their expires_at as expired (env: LEDGER_HOLD_SWEEP_INTERVAL_MS; default: 1000).")
+        var holdSweepIntervalMilliseconds: Int?
+
         @Option(name: .customLong("shutdown-grace-s"), help: "On SIGTERM/SIGINT, seconds in-flight requests get to finish before they are cancelled (env: LEDGER_SHUTDOWN_GRACE_S; default: 25).")
         var shutdownGraceSeconds: Int?
 
@@ -132,8 +135,16 @@ extension LedgerCommand {
                 pool: PostgresPool(configuration: postgres, logger: logger), options: storeOptions, logger: logger)
             let purge = PurgeService(
                 store: store, options: try retention.options(purgeIntervalSeconds: purgeIntervalSeconds), logger: logger)
+            let sweep = HoldSweepService(
+                store: store,
+                interval: .milliseconds(
+                    try Environment.int(
+                        "LEDGER_HOLD_SWEEP_INTERVAL_MS", flag: holdSweepIntervalMilliseconds, default: 1_000,
+                        range: 10...3_600_000)),
+                logger: logger)
             let app = try buildApplication(
-                store: store, configuration: configuration, services: [purge], metricsRegistry: registry, logger: logger)
+                store: store, configuration: configuration, services: [purge, sweep], metricsRegistry: registry,
+                logger: logger)
             // SIGTERM/SIGINT: stop accepting, let in-flight requests finish (bounded), then close the pool.
             var group = ServiceGroupConfiguration(
                 services: [app], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
