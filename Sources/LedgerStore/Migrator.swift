@@ -50,6 +50,11 @@ public struct Migrator: Sendable {
         "0001": ["5790864f93238c11c932b86161de439f0739accb14d6f7993e9f6cf6eca627ee"]
     ]
 
+    /// For a database that applied a superseded text: the pending migration that repairs it, applied before any
+    /// other pending one. A database that applied the old 0001 and then failed at 0005 on a current minor release
+    /// needs 0007's string bodies before 0005 can alter `ledger.transfers`; 0007 needs nothing later than 0001.
+    static let repairFirst: [String: String] = ["0001": "0007"]
+
     public let migrations: [Migration]
     let logger: Logger
 
@@ -114,11 +119,12 @@ public struct Migrator: Sendable {
         try await pool.withConnection { connection in
             var appliedNow: [String] = []
             // The first transaction creates the bookkeeping and checks every applied file before anything runs.
-            try await locked(connection) { connection in
+            let repairs = try await locked(connection) { connection in
                 try await connection.executeScript(Self.bookkeepingSQL)
-                try self.refuseChangedFiles(applied: try await Self.appliedChecksums(connection))
+                return try self.refuseChangedFiles(applied: try await Self.appliedChecksums(connection))
             }
-            for migration in migrations {
+            let ordered = migrations.filter { repairs.contains($0.version) } + migrations.filter { !repairs.contains($0.version) }
+            for migration in ordered {
                 let applied = try await locked(connection) { connection -> Bool in
                     let exists = try await connection.query(
                         "SELECT 1 FROM ledger.schema_migrations WHERE version = $1", [.string(migration.version)])
@@ -174,16 +180,19 @@ public struct Migrator: Sendable {
     }
 
     /// Refuses before applying anything if an applied file changed, except for a correction whose superseded text
-    /// is exactly the one applied.
-    func refuseChangedFiles(applied: [String: String]) throws {
+    /// is exactly the one applied. Returns the versions of the pending repairs those superseded texts call for.
+    func refuseChangedFiles(applied: [String: String]) throws -> Set<String> {
+        var repairs: Set<String> = []
         for migration in migrations {
             guard let sha = applied[migration.version], sha != migration.sha256 else { continue }
             if Self.supersededChecksums[migration.version]?.contains(sha) == true {
                 logger.info("accepted the text a corrected migration supersedes", metadata: ["migration.name": "\(migration.name)"])
+                if let repair = Self.repairFirst[migration.version], applied[repair] == nil { repairs.insert(repair) }
                 continue
             }
             throw Failure.changedAfterApplied(name: migration.name, appliedSHA256: sha, fileSHA256: migration.sha256)
         }
+        return repairs
     }
 }
 

@@ -136,6 +136,25 @@ struct MigratorTests {
         await #expect(throws: Migrator.Failure.self) { try await migrator.migrate(pool: pool) }
     }
 
+    @Test("a database that applied the old 0001 and failed at 0005 on a current minor release finishes migrating")
+    func databaseStoppedAtTheTrap() async throws {
+        let pool = try await TestDatabase.pool()
+        defer { Task { await pool.close() } }
+        let migrator = try Migrator.load(directory: Self.repositorySQL, logger: TestDatabase.logger)
+        let upToTheTrap = Migrator(
+            migrations: migrator.migrations.filter { $0.version < "0005" }, logger: TestDatabase.logger)
+        try await upToTheTrap.migrate(pool: pool)
+        let old = try #require(Migrator.supersededChecksums["0001"]?.first)
+        try await pool.query("UPDATE ledger.schema_migrations SET sha256 = $1 WHERE version = '0001'", [.string(old)])
+        for statement in Self.standardBodiesOf2026_11_23 { try await pool.query(statement) }
+
+        let applied = try await migrator.migrate(pool: pool)
+        #expect(applied.first == "0007_row_type_functions.sql", "the repair runs before 0005")
+        #expect(Set(applied) == Set(migrator.migrations.filter { $0.version >= "0005" }.map(\.name)))
+        #expect(try await Self.standardBodiesOverRowTypes(pool).isEmpty)
+        #expect(try await migrator.migrate(pool: pool).isEmpty)
+    }
+
     @Test("no function over a table's row type has a SQL-standard body (later ALTER TABLEs would fail)")
     func noStandardBodyOverARowType() async throws {
         let pool = try await TestDatabase.pool()
