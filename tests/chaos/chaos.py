@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Chaos test: nothing lost, nothing twice, while the service is killed with SIGKILL and PostgreSQL crashes.
 
-Workers post transfers with unique Idempotency-Keys and retry every request that got no definitive answer with the
-same key and body. Meanwhile the service is killed with SIGKILL at random moments and restarted, and PostgreSQL is
+Workers post transfers, and holds followed by a partial capture, with unique Idempotency-Keys, and retry every
+request that got no definitive answer with the same key and body. Meanwhile the service is killed with SIGKILL at random moments and restarted, and PostgreSQL is
 stopped in immediate mode (a crash) and restarted once. At the end:
   - every acknowledged transfer (a 201 a worker received) exists exactly once, with the acknowledged body;
+  - every acknowledged hold exists once; every acknowledged capture made exactly one transfer, of the captured
+    amount, from the hold (kill -9 mid-capture included), and a capture acknowledged as failed made none;
   - every key that was acknowledged with a stored failure made no transfer;
   - no key made two transfers, and no transfer exists that no worker asked for;
   - `ledger verify` passes.
@@ -108,15 +110,20 @@ class Stats:
         self.lock = threading.Lock()
         self.requests = 0
         self.acked: dict[str, tuple[int, str]] = {}   # key -> (status, first body)
+        self.paths: dict[str, str] = {}                # key -> the path it was posted to
         self.replay_mismatch: list[str] = []
         self.asked: set[str] = set()
         self.unsettled: set[str] = set()
 
 
-def post(base: str, token: str, key: str, body: bytes) -> tuple[int, str] | None:
+STORED_CODES = ("insufficient-funds", "account-not-found", "currency-mismatch", "balance-overflow", "hold-captured",
+                "hold-voided", "hold-expired", "capture-exceeds-hold", "hold-not-found")
+
+
+def post(base: str, token: str, key: str, body: bytes, path: str = "/v1/transfers") -> tuple[int, str] | None:
     """One attempt; None when there was no definitive answer (connection refused or reset, timeout, 5xx, 409)."""
     request = urllib.request.Request(
-        f"{base}/v1/transfers", data=body, method="POST",
+        f"{base}{path}", data=body, method="POST",
         headers={"Authorization": f"Bearer {token}", "Idempotency-Key": key, "Content-Type": "application/json"},
     )
     try:
@@ -126,7 +133,7 @@ def post(base: str, token: str, key: str, body: bytes) -> tuple[int, str] | None
         text = error.read().decode()
         if error.code in (404, 422):
             code = json.loads(text).get("code")
-            if code in ("insufficient-funds", "account-not-found", "currency-mismatch", "balance-overflow"):
+            if code in STORED_CODES:
                 return error.code, text
             raise AssertionError(f"unexpected {error.code} {text}")
         if error.code >= 500 or error.code == 409:
@@ -136,36 +143,83 @@ def post(base: str, token: str, key: str, body: bytes) -> tuple[int, str] | None
         return None
 
 
+def settle(base: str, token: str, stats: Stats, hard_until: float, path: str, key: str, body: bytes):
+    """Posts until a definitive answer, then once more: the replay must give the very same status and bytes.
+    Returns the first definitive answer, or None when there was none before `hard_until`."""
+    with stats.lock:
+        stats.asked.add(key)
+        stats.paths[key] = path
+    first = None
+    while time.time() < hard_until:
+        with stats.lock:
+            stats.requests += 1
+        answer = post(base, token, key, body, path)
+        if answer is None:
+            time.sleep(0.05)
+            continue
+        if first is None:
+            first = answer
+            with stats.lock:
+                stats.acked[key] = answer
+            continue
+        if answer != first:
+            with stats.lock:
+                stats.replay_mismatch.append(key)
+        return first
+    with stats.lock:
+        stats.unsettled.add(key)
+    return first
+
+
 def worker(base: str, token: str, stats: Stats, load_until: float, hard_until: float, seed: int) -> None:
+    """Transfers; every fourth worker places holds and captures part of each instead."""
     rng = random.Random(seed)
     while time.time() < load_until:
         src, dst = rng.sample(ACCOUNTS, 2)
-        key = f"chaos-{uuid.uuid4()}"
-        body = json.dumps({"from": src, "to": dst, "amount": rng.randint(1, 500), "currency": "USD",
-                           "metadata": {"worker": seed}}).encode()
-        with stats.lock:
-            stats.asked.add(key)
-        first = None
-        while time.time() < hard_until:
-            with stats.lock:
-                stats.requests += 1
-            answer = post(base, token, key, body)
-            if answer is None:
-                time.sleep(0.05)
-                continue
-            if first is None:
-                first = answer
-                with stats.lock:
-                    stats.acked[key] = answer
-                # Ask once more: a replay must give the very same status and bytes.
-                continue
-            if answer != first:
-                with stats.lock:
-                    stats.replay_mismatch.append(key)
-            break
-        else:
-            with stats.lock:
-                stats.unsettled.add(key)
+        amount = rng.randint(1, 500)
+        if seed % 4 != 3:
+            body = json.dumps({"from": src, "to": dst, "amount": amount, "currency": "USD",
+                               "metadata": {"worker": seed}}).encode()
+            settle(base, token, stats, hard_until, "/v1/transfers", f"chaos-{uuid.uuid4()}", body)
+            continue
+        body = json.dumps({"from": src, "to": dst, "amount": amount, "currency": "USD"}).encode()
+        placed = settle(base, token, stats, hard_until, "/v1/holds", f"chaos-hold-{uuid.uuid4()}", body)
+        if placed is None or placed[0] != 201:
+            continue
+        hold = json.loads(placed[1])
+        capture = json.dumps({"amount": rng.randint(1, amount)}).encode()
+        settle(base, token, stats, hard_until, f"/v1/holds/{hold['id']}/capture", f"chaos-capture-{uuid.uuid4()}",
+               capture)
+
+
+def check_holds(db: str, stats: Stats) -> list[str]:
+    """Keys whose acknowledged hold or capture the database does not show exactly once."""
+    rows = psql(db, "SELECT h.idempotency_key, h.id, h.status, h.captured_amount, coalesce(h.finished_key, ''), "
+                    "(SELECT count(*) FROM ledger.transfers t WHERE t.client_id = h.client_id AND t.hold_id = h.id), "
+                    "(SELECT string_agg(t.amount::text, ',') FROM ledger.transfers t "
+                    " WHERE t.client_id = h.client_id AND t.hold_id = h.id) "
+                    "FROM ledger.holds h WHERE h.client_id = 'chaos'")
+    holds = {}
+    captures = {}
+    for line in rows.splitlines():
+        key, hold_id, status, captured, finished, transfers, amounts = line.split("|")
+        holds[key] = hold_id
+        if finished:
+            captures[finished] = (status, int(captured), int(transfers), amounts)
+    bad = []
+    for key, (status, body) in stats.acked.items():
+        path = stats.paths[key]
+        if path == "/v1/holds" and status == 201 and holds.get(key) != json.loads(body)["id"]:
+            bad.append(key)
+        if path.endswith("/capture"):
+            made = captures.get(key)
+            if status == 200:
+                want = json.loads(body)["captured_amount"]
+                if made != ("captured", want, 1, str(want)):
+                    bad.append(key)
+            elif made is not None:
+                bad.append(key)   # told it failed, but the hold was captured by this key
+    return bad
 
 
 def main() -> int:
@@ -218,12 +272,15 @@ def main() -> int:
     # Check the database against what workers were told.
     rows = psql(db, "SELECT t.idempotency_key, ledger.transfer_json(t) FROM ledger.transfers t "
                     "WHERE t.client_id = 'chaos' AND t.idempotency_key LIKE 'chaos-%'")
+    hold_errors = check_holds(db, stats)
     transfers: dict[str, list[str]] = {}
     for line in rows.splitlines():
         key, body = line.split("|", 1)
         transfers.setdefault(key, []).append(body)
     lost = []
     for key, (status, body) in stats.acked.items():
+        if stats.paths[key] != "/v1/transfers":
+            continue   # holds and captures: check_holds
         made = transfers.get(key, [])
         if status == 201 and made != [body]:
             lost.append(key)
@@ -232,13 +289,16 @@ def main() -> int:
     duplicated = [k for k, made in transfers.items() if len(made) > 1 or k not in stats.asked]
     verify = subprocess.run([LEDGER_BIN, "verify"], env=env, capture_output=True, text=True)
 
-    created = sum(1 for s, _ in stats.acked.values() if s == 201)
+    created = sum(1 for k, (s, _) in stats.acked.items() if s == 201 and stats.paths[k] == "/v1/transfers")
+    lost += hold_errors
+    captured = sum(1 for k, (s, _) in stats.acked.items() if s == 200 and stats.paths[k].endswith("/capture"))
     print(f"chaos: {stats.requests} requests, {service.kills} kills, {len(lost)} lost, {len(duplicated)} duplicated")
+    print(f"chaos: {captured} captures acknowledged")
     print(f"chaos: {len(stats.asked)} keys, {created} transfers acknowledged, "
-          f"{len(stats.acked) - created} stored failures, {len(stats.unsettled)} unsettled, "
+          f"{sum(1 for st, _ in stats.acked.values() if st >= 400)} stored failures, {len(stats.unsettled)} unsettled, "
           f"{len(stats.replay_mismatch)} replay mismatches, verify exit {verify.returncode}")
     ok = (not lost and not duplicated and not stats.replay_mismatch and not stats.unsettled
-          and verify.returncode == 0 and service.kills >= KILLS_MIN and created > 0)
+          and verify.returncode == 0 and service.kills >= KILLS_MIN and created > 0 and captured > 0)
     if not ok:
         print(f"chaos: FAILED; lost={lost[:5]} duplicated={duplicated[:5]} mismatch={stats.replay_mismatch[:5]} "
               f"unsettled={list(stats.unsettled)[:5]} verify={verify.stdout}{verify.stderr} log={service.log_path}")
