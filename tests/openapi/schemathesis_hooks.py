@@ -7,17 +7,24 @@ headers, response schemas, server errors) still applies to its response; a rejec
 request the rules below do not explain, remains a failure.
 
 The rules the schema cannot carry:
-- `same-account`: `from` must differ from `to`; JSON Schema cannot compare two properties.
+- `same-account`: `from` must differ from `to` (a transfer or a hold); JSON Schema cannot compare two properties.
 - For POST /v1/transfers/batch, each of these rules applied to the first invalid item, which the problem's detail
   names (`transfers[i]: ...`).
 - `invalid-amount` for a whole float (`215.0`): in JSON Schema's data model 215.0 *is* an integer, but the contract
-  refuses any amount lexeme with a fraction or an exponent, so that no float ever stands for money.
+  refuses any amount lexeme with a fraction or an exponent, so that no float ever stands for money. The same for a
+  hold's `expires_in_s` (`invalid-expiry`).
 - `invalid-metadata`: metadata over 4096 bytes as compact JSON, or holding U+0000 (which PostgreSQL jsonb cannot
   store); JSON Schema has no byte-size limit for an object.
-- `invalid-cursor`: a cursor is valid only when the service issued it for that account; a generated one never is.
-- 422 business outcomes of a well-formed POST: `insufficient-funds`, `currency-mismatch`, `balance-overflow`, and
-  `idempotency-key-reused` (a generated Idempotency-Key that an earlier generated request already used with another
-  body). These are answers about the ledger's state, not about the request's shape.
+- `invalid-cursor`: a cursor is valid only when the service issued it for that account (its entries or its holds); a
+  generated one never is.
+- 422 business outcomes of a well-formed POST: `insufficient-funds`, `currency-mismatch`, `balance-overflow`, the
+  hold and reversal outcomes (`hold-captured`, `hold-voided`, `hold-expired`, `capture-exceeds-hold`,
+  `reversal-exceeds-transfer`, `transfer-not-reversible`), and `idempotency-key-reused` (a generated Idempotency-Key
+  that an earlier generated request already used with another body), and 412 `version-mismatch` (a generated
+  If-Match naming another version than the account's). These are answers about the ledger's state, not about the
+  request's shape.
+- `invalid-if-match` for an `If-Match` value outside the documented pattern (one strong tag, `"7"`): the coverage
+  phase sends some pattern-derived header values without their quotes, so the request was not schema-valid.
 """
 
 from __future__ import annotations
@@ -28,8 +35,20 @@ import re
 
 import schemathesis
 
-BUSINESS_422 = {"insufficient-funds", "currency-mismatch", "balance-overflow", "idempotency-key-reused"}
+BUSINESS_422 = {
+    "insufficient-funds",
+    "currency-mismatch",
+    "balance-overflow",
+    "idempotency-key-reused",
+    "hold-captured",
+    "hold-voided",
+    "hold-expired",
+    "capture-exceeds-hold",
+    "reversal-exceeds-transfer",
+    "transfer-not-reversible",
+}
 METADATA_BYTES_MAX = 4096
+IF_MATCH = re.compile(r'"(?:0|[1-9][0-9]{0,18})"')
 
 
 def _problem_member(response, name: str) -> str | None:
@@ -71,6 +90,8 @@ def _explained(case, response) -> bool:
     body = case.body if isinstance(case.body, dict) else {}
     if method == "POST" and response.status_code == 422 and code in BUSINESS_422:
         return True
+    if method == "POST" and response.status_code == 412 and code == "version-mismatch":
+        return True
     if method == "POST" and path == "/v1/transfers/batch" and response.status_code == 400:
         # A batch is refused for its first invalid item, named in the detail: judge that item as a transfer.
         match = re.match(r"transfers\[(\d+)\]: ", _problem_member(response, "detail") or "")
@@ -80,15 +101,21 @@ def _explained(case, response) -> bool:
         body, path = items[int(match.group(1))], "/v1/transfers"
         if not isinstance(body, dict):
             return False
+    if method == "POST" and response.status_code == 400 and code == "invalid-if-match":
+        sent = response.request.headers.get("If-Match")
+        return isinstance(sent, str) and not IF_MATCH.fullmatch(sent)
     if method == "POST" and response.status_code == 400:
-        if code == "same-account" and path == "/v1/transfers":
+        if code == "same-account" and path in ("/v1/transfers", "/v1/holds"):
             return isinstance(body.get("from"), str) and body.get("from") == body.get("to")
         if code == "invalid-amount":
             amount = body.get("amount")
             return isinstance(amount, float) and amount.is_integer()
         if code == "invalid-metadata":
             return _metadata_refusable(body.get("metadata"))
-    if method == "GET" and path == "/v1/accounts/{id}/entries" and response.status_code == 400:
+        if code == "invalid-expiry" and path == "/v1/holds":
+            seconds = body.get("expires_in_s")
+            return isinstance(seconds, float) and seconds.is_integer()
+    if method == "GET" and path in ("/v1/accounts/{id}/entries", "/v1/accounts/{id}/holds") and response.status_code == 400:
         if code == "invalid-cursor":
             return bool(case.query) and "cursor" in case.query
     return False

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 import requests
@@ -102,16 +103,21 @@ def check_against(spec: dict, response: requests.Response, what: str):
     spec = resolve(spec)
     media_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
     content = spec.get("content", {})
-    assert media_type in content, f"{what}: Content-Type {media_type!r} is not documented (documented: {list(content)})"
+    if not content:
+        assert response.content == b"", f"{what}: a body where the document describes none"
+        media_type = None
+    if media_type is not None:
+        assert media_type in content, f"{what}: Content-Type {media_type!r} is not documented (documented: {list(content)})"
     body = None
-    if response.request.method != "HEAD":
+    if response.request.method != "HEAD" and media_type is not None:
         if media_type.endswith("json"):
             body = json.loads(response.content)
         elif media_type == "application/yaml":
             body = yaml.safe_load(response.content)
         else:
             body = response.content.decode("utf-8")
-        validate_value(content[media_type]["schema"], body, f"{what} body")
+        if media_type is not None:
+            validate_value(content[media_type]["schema"], body, f"{what} body")
     for name, header in spec.get("headers", {}).items():
         header = resolve(header)
         value = response.headers.get(name)
@@ -146,12 +152,21 @@ def problem_code(response: requests.Response):
 
 
 def source_problem_statuses() -> dict[str, int]:
-    """Every problem code of Problem.swift and of the SQL renderer, with its status."""
-    swift = (REPO / "Sources" / "LedgerCore" / "Problem.swift").read_text(encoding="utf-8")
-    codes = {code: int(status) for status, code in re.findall(r'status: (\d+), code: "([a-z-]+)"', swift)}
+    """Every problem code of LedgerCore's Problems and of the SQL renderers, with its status."""
+    codes: dict[str, int] = {}
+    found: list[tuple[str, str]] = []
+    for path in sorted((REPO / "Sources" / "LedgerCore").glob("*.swift")):
+        found += re.findall(r'status: (\d+), code: "([a-z-]+)"', path.read_text(encoding="utf-8"))
     for path in sorted((REPO / "sql").glob("*.sql")):
-        for status, code in re.findall(r"problem_json\((\d+), '([a-z-]+)'", path.read_text(encoding="utf-8")):
-            assert codes.setdefault(code, int(status)) == int(status), code
+        text = path.read_text(encoding="utf-8")
+        found += re.findall(r"problem_json\((\d+), '([a-z-]+)'", text)
+        # Renderers by code: `WHEN 'hold-voided' THEN ledger.problem_json(422, p_code, ...`.
+        found += [
+            (status, code)
+            for code, status in re.findall(r"WHEN '([a-z-]+)' THEN (?:rtrim\()?ledger\.problem_json\((\d+), p_code", text)
+        ]
+    for status, code in found:
+        assert codes.setdefault(code, int(status)) == int(status), code
     return codes
 
 
@@ -247,12 +262,22 @@ def accounts(api):
     seed = {"account": "alice", "amount": 100000, "currency": "USD"}
     response = api.request("POST", "/v1/credits", key=uid("seed-"), body=seed)
     assert response.status_code == 201, response.text
-    return {"transfer_id": response.json()["id"]}
+    return {"transfer_id": response.json()["id"], "hold_id": place_hold(api)["id"]}
+
+
+def place_hold(api, **fields) -> dict:
+    """A pending hold of alice's money, to bob unless `fields` say otherwise."""
+    body = {"from": "alice", "to": "bob", "amount": 5, "currency": "USD", **fields}
+    response = api.request("POST", "/v1/holds", key=uid("hold-"), body=body)
+    assert response.status_code == 201, response.text
+    return check("POST", "/v1/holds", response)
 
 
 def concrete(path: str, accounts) -> str:
     if path.startswith("/v1/transfers/"):
         return path.replace("{id}", accounts["transfer_id"])
+    if path.startswith("/v1/holds/"):
+        return path.replace("{id}", accounts["hold_id"])
     return path.replace("{id}", "alice")
 
 
@@ -261,13 +286,21 @@ POST_BODIES = {
     "/v1/debits": {"account": "alice", "amount": 5, "currency": "USD"},
     "/v1/transfers": {"from": "alice", "to": "bob", "amount": 5, "currency": "USD"},
     "/v1/transfers/batch": {"transfers": [{"from": "alice", "to": "bob", "amount": 5, "currency": "USD"}]},
+    "/v1/transfers/{id}/reversals": {"amount": 1},
+    "/v1/holds": {"from": "alice", "to": "bob", "amount": 5, "currency": "USD"},
+    "/v1/holds/{id}/capture": {},
+    "/v1/holds/{id}/void": {},
 }
 
 
 @pytest.mark.parametrize("method,path", sorted(ROUTES))
 def test_every_documented_operation_is_served(api, accounts, method, path):
-    if method == "POST":
-        response = api.request(method, path, key=uid("route-"), body=POST_BODIES[path])
+    if method == "POST" and path.startswith("/v1/holds/"):
+        # A hold of its own: a hold is captured or voided once.
+        target = path.replace("{id}", place_hold(api)["id"])
+        response = api.request(method, target, key=uid("route-"), body=POST_BODIES[path])
+    elif method == "POST":
+        response = api.request(method, concrete(path, accounts), key=uid("route-"), body=POST_BODIES[path])
     elif method == "PUT":
         response = api.request(method, concrete(path, accounts), body={"currency": "USD"})
     else:
@@ -670,3 +703,237 @@ def test_precedence_as_described(api, server):
         fix(body)
     # All fixed: the accounts do not exist, a stored outcome.
     assert problem_code(api.request("POST", "/v1/transfers", key=uid(), body=body)) == "account-not-found"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The live service: holds, reversals and conditional requests
+
+
+def test_holds_lifecycle(api, accounts):
+    name = uid("payer-")
+    assert api.request("PUT", f"/v1/accounts/{name}", body={"currency": "USD"}).status_code == 201
+    credit = {"account": name, "amount": 1000, "currency": "USD"}
+    assert api.request("POST", "/v1/credits", key=uid(), body=credit).status_code == 201
+    body = {"from": name, "amount": 600, "currency": "USD", "expires_in_s": 3600, "metadata": {"order": "1"}}
+    key = uid("place-")
+    placed = api.request("POST", "/v1/holds", key=key, body=body)
+    hold = check("POST", "/v1/holds", placed)
+    assert placed.status_code == 201 and placed.headers["Idempotent-Replayed"] == "false"
+    assert hold["status"] == "pending" and hold["to"] == "@world" and hold["transfer_id"] is None
+    replay = api.request("POST", "/v1/holds", key=key, body=body)
+    assert replay.headers["Idempotent-Replayed"] == "true" and replay.content == placed.content
+    check("POST", "/v1/holds", replay)
+    account = check("GET", "/v1/accounts/{id}", api.request("GET", f"/v1/accounts/{name}"))
+    assert (account["balance"], account["held"], account["available"], account["version"]) == (1000, 600, 400, 1)
+    assert check("GET", "/v1/holds/{id}", api.request("GET", f"/v1/holds/{hold['id']}")) == hold
+    # Funds checks use available.
+    short = api.request("POST", "/v1/debits", key=uid(), body={"account": name, "amount": 401, "currency": "USD"})
+    assert problem_code(short) == "insufficient-funds"
+    check("POST", "/v1/debits", short)
+    # Capture part of it: a transfer carrying hold_id, the whole hold leaves held.
+    captured = api.request("POST", f"/v1/holds/{hold['id']}/capture", key=uid(), body={"amount": 250})
+    after = check("POST", "/v1/holds/{id}/capture", captured)
+    assert captured.status_code == 200 and after["status"] == "captured" and after["captured_amount"] == 250
+    transfer = check("GET", "/v1/transfers/{id}", api.request("GET", f"/v1/transfers/{after['transfer_id']}"))
+    assert transfer["hold_id"] == hold["id"] and transfer["amount"] == 250 and transfer["metadata"] == {"order": "1"}
+    account = check("GET", "/v1/accounts/{id}", api.request("GET", f"/v1/accounts/{name}"))
+    assert (account["balance"], account["held"], account["available"]) == (750, 0, 750)
+    # Void of another hold; then both are no longer pending.
+    other = place_hold(api, **{"from": name, "to": "bob", "amount": 100})
+    voided = api.request("POST", f"/v1/holds/{other['id']}/void", key=uid())
+    assert voided.status_code == 200 and check("POST", "/v1/holds/{id}/void", voided)["status"] == "voided"
+    cases = [
+        (f"/v1/holds/{hold['id']}/capture", "/v1/holds/{id}/capture", None, "hold-captured"),
+        (f"/v1/holds/{hold['id']}/void", "/v1/holds/{id}/void", None, "hold-captured"),
+        (f"/v1/holds/{other['id']}/capture", "/v1/holds/{id}/capture", {}, "hold-voided"),
+        (f"/v1/holds/{other['id']}/void", "/v1/holds/{id}/void", {}, "hold-voided"),
+        ("/v1/holds/999999999999/capture", "/v1/holds/{id}/capture", None, "hold-not-found"),
+        ("/v1/holds/abc/void", "/v1/holds/{id}/void", None, "hold-not-found"),
+    ]
+    for path, template, payload, code in cases:
+        key = uid()
+        first = api.request("POST", path, key=key, body=payload)
+        assert problem_code(first) == code and first.headers["Idempotent-Replayed"] == "false", (path, first.text)
+        check("POST", template, first)
+        again = api.request("POST", path, key=key, body=payload)
+        assert again.headers["Idempotent-Replayed"] == "true" and again.content == first.content
+        check("POST", template, again)
+    big = place_hold(api, **{"from": name, "amount": 10})
+    response = api.request("POST", f"/v1/holds/{big['id']}/capture", key=uid(), body={"amount": 11})
+    assert problem_code(response) == "capture-exceeds-hold"
+    check("POST", "/v1/holds/{id}/capture", response)
+    # A hold past its expiry reads expired and can no longer be captured.
+    short_lived = place_hold(api, **{"from": name, "amount": 1, "expires_in_s": 1})
+    deadline = time.monotonic() + 10
+    while True:
+        read = check("GET", "/v1/holds/{id}", api.request("GET", f"/v1/holds/{short_lived['id']}"))
+        if read["status"] == "expired" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert read["status"] == "expired"
+    response = api.request("POST", f"/v1/holds/{short_lived['id']}/void", key=uid())
+    assert problem_code(response) == "hold-expired"
+    check("POST", "/v1/holds/{id}/void", response)
+    for path in ("/v1/holds/999999999999", "/v1/holds/x"):
+        response = api.request("GET", path)
+        assert problem_code(response) == "hold-not-found"
+        check("GET", "/v1/holds/{id}", response)
+    # The payer's holds, newest first, paged and filtered.
+    page = check("GET", "/v1/accounts/{id}/holds", api.request("GET", f"/v1/accounts/{name}/holds?limit=2"))
+    assert [h["id"] for h in page["holds"]] == [short_lived["id"], big["id"]] and page["next_cursor"]
+    rest = api.request("GET", f"/v1/accounts/{name}/holds", params={"limit": 2, "cursor": page["next_cursor"]})
+    assert [h["id"] for h in check("GET", "/v1/accounts/{id}/holds", rest)["holds"]] == [other["id"], hold["id"]]
+    voided_only = api.request("GET", f"/v1/accounts/{name}/holds?status=voided")
+    assert [h["id"] for h in check("GET", "/v1/accounts/{id}/holds", voided_only)["holds"]] == [other["id"]]
+    for path, code in [
+        (f"/v1/accounts/{name}/holds?status=open", "invalid-status"),
+        (f"/v1/accounts/{name}/holds?limit=0", "invalid-limit"),
+        (f"/v1/accounts/{name}/holds?cursor=abc", "invalid-cursor"),
+        ("/v1/accounts/%40world/holds", "invalid-account-id"),
+        ("/v1/accounts/nobody-here/holds", "account-not-found"),
+    ]:
+        response = api.request("GET", path)
+        assert problem_code(response) == code, (path, response.text)
+        check("GET", "/v1/accounts/{id}/holds", response)
+
+
+def test_hold_bad_requests_and_outcomes(api, accounts):
+    base = {"from": "alice", "to": "bob", "amount": 1, "currency": "USD"}
+    cases = [
+        (None, base, "idempotency-key-missing"),
+        ("ok", dict(base, extra=1), "invalid-json"),
+        ("ok", dict(base, to=None), "invalid-account-id"),
+        ("ok", dict(base, to="@world"), "invalid-account-id"),
+        ("ok", dict(base, amount=0), "invalid-amount"),
+        ("ok", dict(base, currency="usd"), "invalid-currency"),
+        ("ok", dict(base, to="alice"), "same-account"),
+        ("ok", dict(base, metadata=[]), "invalid-metadata"),
+        ("ok", dict(base, expires_in_s=0), "invalid-expiry"),
+        ("ok", dict(base, expires_in_s=2592001), "invalid-expiry"),
+        ("ok", dict(base, expires_in_s=1.5), "invalid-expiry"),
+        ("ok", dict(base, **{"from": "nobody-here"}), "account-not-found"),
+        ("ok", dict(base, to="eve"), "currency-mismatch"),
+        ("ok", dict(base, amount=AMOUNT_MAX), "insufficient-funds"),
+    ]
+    for key, body, code in cases:
+        response = api.request("POST", "/v1/holds", key=uid() if key == "ok" else key, body=body)
+        assert problem_code(response) == code, (body, response.text)
+        check("POST", "/v1/holds", response)
+    hold = accounts["hold_id"]
+    for path, template in [
+        (f"/v1/holds/{hold}/capture", "/v1/holds/{id}/capture"),
+        (f"/v1/transfers/{accounts['transfer_id']}/reversals", "/v1/transfers/{id}/reversals"),
+    ]:
+        for raw, code in [
+            (b"[]", "invalid-json"),
+            (b'{"memo":1}', "invalid-json"),
+            (b'{"amount":0}', "invalid-amount"),
+            (b'{"amount":1.0}', "invalid-amount"),
+            (b'{"metadata":[]}', "invalid-metadata"),
+        ]:
+            response = api.request("POST", path, key=uid(), raw=raw)
+            assert problem_code(response) == code, (path, raw, response.text)
+            check("POST", template, response)
+    for raw in (b'{"amount":1}', b"[]"):
+        response = api.request("POST", f"/v1/holds/{hold}/void", key=uid(), raw=raw)
+        assert problem_code(response) == "invalid-json", response.text
+        check("POST", "/v1/holds/{id}/void", response)
+    response = api.request("POST", f"/v1/holds/{hold}/void", raw=b"{}")
+    assert problem_code(response) == "idempotency-key-missing"
+    check("POST", "/v1/holds/{id}/void", response)
+    # The same key for another hold operation: reused.
+    key = uid()
+    assert api.request("POST", "/v1/holds", key=key, body=base).status_code == 201
+    for path, template in [
+        (f"/v1/holds/{hold}/capture", "/v1/holds/{id}/capture"),
+        (f"/v1/holds/{hold}/void", "/v1/holds/{id}/void"),
+        (f"/v1/transfers/{accounts['transfer_id']}/reversals", "/v1/transfers/{id}/reversals"),
+    ]:
+        response = api.request("POST", path, key=key)
+        assert problem_code(response) == "idempotency-key-reused" and "Idempotent-Replayed" not in response.headers
+        check("POST", template, response)
+
+
+def test_reversals(api, accounts):
+    name = uid("refund-")
+    assert api.request("PUT", f"/v1/accounts/{name}", body={"currency": "USD"}).status_code == 201
+    payment = {"from": "alice", "to": name, "amount": 100, "currency": "USD"}
+    original = check("POST", "/v1/transfers", api.request("POST", "/v1/transfers", key=uid(), body=payment))
+    assert (original["hold_id"], original["reverses"], original["reversed_amount"]) == (None, None, 0)
+    key = uid("rev-")
+    first = api.request("POST", f"/v1/transfers/{original['id']}/reversals", key=key, body={"amount": 30})
+    reversal = check("POST", "/v1/transfers/{id}/reversals", first)
+    assert first.status_code == 201 and first.headers["Idempotent-Replayed"] == "false"
+    assert (reversal["from"], reversal["to"], reversal["reverses"]) == (name, "alice", original["id"])
+    replay = api.request("POST", f"/v1/transfers/{original['id']}/reversals", key=key, body={"amount": 30})
+    assert replay.headers["Idempotent-Replayed"] == "true" and replay.content == first.content
+    got = check("GET", "/v1/transfers/{id}", api.request("GET", f"/v1/transfers/{original['id']}"))
+    assert got["reversed_amount"] == 30
+    # An empty body reverses the rest.
+    rest = api.request("POST", f"/v1/transfers/{original['id']}/reversals", key=uid())
+    assert check("POST", "/v1/transfers/{id}/reversals", rest)["amount"] == 70
+    cases = [
+        (original["id"], None, "reversal-exceeds-transfer"),
+        (reversal["id"], None, "transfer-not-reversible"),
+        ("999999999999", None, "transfer-not-found"),
+        ("abc", {}, "transfer-not-found"),
+    ]
+    for transfer_id, payload, code in cases:
+        key = uid()
+        response = api.request("POST", f"/v1/transfers/{transfer_id}/reversals", key=key, body=payload)
+        assert problem_code(response) == code and response.headers["Idempotent-Replayed"] == "false", response.text
+        check("POST", "/v1/transfers/{id}/reversals", response)
+        again = api.request("POST", f"/v1/transfers/{transfer_id}/reversals", key=key, body=payload)
+        assert again.headers["Idempotent-Replayed"] == "true" and again.content == response.content
+    # The payer of a reversal needs funds: name spent what it got.
+    second = check("POST", "/v1/transfers", api.request("POST", "/v1/transfers", key=uid(), body=payment))
+    spend = {"account": name, "amount": 100, "currency": "USD"}
+    assert api.request("POST", "/v1/debits", key=uid(), body=spend).status_code == 201
+    response = api.request("POST", f"/v1/transfers/{second['id']}/reversals", key=uid())
+    assert problem_code(response) == "insufficient-funds", response.text
+    check("POST", "/v1/transfers/{id}/reversals", response)
+
+
+def test_conditional_requests(api, accounts):
+    name = uid("cond-")
+    assert api.request("PUT", f"/v1/accounts/{name}", body={"currency": "USD"}).status_code == 201
+    read = api.request("GET", f"/v1/accounts/{name}")
+    assert read.headers["ETag"] == '"0"' and check("GET", "/v1/accounts/{id}", read)["version"] == 0
+    for value in ('"0"', 'W/"0"', '*', '"5", "0"'):
+        response = api.request("GET", f"/v1/accounts/{name}", headers={"If-None-Match": value})
+        assert response.status_code == 304 and response.headers["ETag"] == '"0"', value
+        check("GET", "/v1/accounts/{id}", response)
+    response = api.request("GET", f"/v1/accounts/{name}", headers={"If-None-Match": '"1"'})
+    assert response.status_code == 200
+    check("GET", "/v1/accounts/{id}", response)
+    credit = {"account": name, "amount": 50, "currency": "USD"}
+    ok = api.request("POST", "/v1/credits", key=uid(), body=credit, headers={"If-Match": '"0"'})
+    assert ok.status_code == 201, ok.text
+    check("POST", "/v1/credits", ok)
+    bodies = {
+        "/v1/credits": credit,
+        "/v1/debits": {"account": name, "amount": 1, "currency": "USD"},
+        "/v1/transfers": {"from": name, "to": "bob", "amount": 1, "currency": "USD"},
+        "/v1/holds": {"from": name, "to": "bob", "amount": 1, "currency": "USD"},
+    }
+    for path, body in bodies.items():
+        version = api.request("GET", f"/v1/accounts/{name}").json()["version"]
+        assert version >= 1
+        key = uid()
+        stale = api.request("POST", path, key=key, body=body, headers={"If-Match": '"0"'})
+        assert stale.status_code == 412 and stale.json()["current_version"] == version, stale.text
+        assert stale.headers["Idempotent-Replayed"] == "false"
+        check("POST", path, stale)
+        again = api.request("POST", path, key=key, body=body, headers={"If-Match": '"0"'})
+        assert again.headers["Idempotent-Replayed"] == "true" and again.content == stale.content
+        check("POST", path, again)
+        other = api.request("POST", path, key=key, body=body, headers={"If-Match": f'"{version}"'})
+        assert problem_code(other) == "idempotency-key-reused"
+        check("POST", path, other)
+        for value in ('W/"1"', "*", '"01"', "1", '"1", "2"'):
+            response = api.request("POST", path, key=uid(), body=body, headers={"If-Match": value})
+            assert problem_code(response) == "invalid-if-match", (path, value, response.text)
+            check("POST", path, response)
+        current = api.request("POST", path, key=uid(), body=body, headers={"If-Match": f'"{version}"'})
+        assert current.status_code == 201, (path, current.text)
+        check("POST", path, current)
