@@ -373,3 +373,28 @@ def test_compare_and_swap_loop(api_a):
 
     lt.parallel([lambda c=api_a.clone(): writer(c) for _ in range(5)])
     assert state(api_a, alice) == (995, 0, 6)
+
+
+def test_concurrent_holds_with_one_if_match_all_execute(api_a):
+    """A hold does not change the version, so every hold naming the current version executes (funds allowing)."""
+    alice = api_a.funded_account(1000)
+    results = lt.parallel([lambda c=api_a.clone(): hold(c, alice, 100, '"1"') for _ in range(8)])
+    assert [r.status_code for r in results] == [201] * 8, [r.text[:120] for r in results]
+    assert state(api_a, alice) == (1000, 800, 1)
+
+
+def test_race_on_one_version_across_replicas(api_a, second_server):
+    alice = api_a.funded_account(1000)
+    apis = [api_a.clone(), api_a.clone(second_server.base)] * 4
+    results = lt.parallel([lambda c=c: debit(c, alice, 10, '"1"') for c in apis])
+    assert sum(r.status_code == 201 for r in results) == 1, [(r.status_code, r.text[:120]) for r in results]
+    for r in results:
+        if r.status_code != 201:
+            assert_412(r, 2)
+    assert state(api_a, alice) == (990, 0, 2)
+
+
+def test_if_none_match_other_clients_account_is_404(api_a, api_b):
+    alice = api_a.funded_account(10)
+    r = api_b.request("GET", f"/v1/accounts/{alice}", headers={"If-None-Match": '"1"'})
+    lt.assert_problem(r, 404, "account-not-found")

@@ -738,3 +738,135 @@ def test_list_paging_is_stable_while_holds_arrive(api_a):
         if cursor is None:
             break
     assert seen == list(reversed(first_ids)), "following next_cursor never repeats or skips a hold"
+
+
+def test_concurrent_holds_never_exceed_available(api_a):
+    alice = api_a.funded_account(1000)
+    results = lt.parallel([lambda c=api_a.clone(): place(c, alice, 100) for _ in range(20)])
+    ok = [r for r in results if r.status_code == 201]
+    for r in results:
+        if r.status_code != 201:
+            lt.assert_problem(r, 422, "insufficient-funds")
+    assert len(ok) == 10, [r.status_code for r in results]
+    assert money(api_a, alice) == (1000, 1000, 0, 1)
+
+
+def test_same_key_concurrent_place_executes_once(api_a, second_server):
+    alice = api_a.funded_account(1000)
+    key = lt.uid("k-")
+    apis = [api_a.clone(), api_a.clone(second_server.base)] * 4
+    results = lt.parallel([lambda c=c: place(c, alice, 100, key=key) for c in apis])
+    firsts = [r for r in results if lt.replayed(r) == "false"]
+    assert len(firsts) == 1, [(r.status_code, lt.replayed(r)) for r in results]
+    for r in results:
+        assert r.status_code == 201 and r.content == firsts[0].content, lt.describe(r)
+    assert money(api_a, alice) == (1000, 100, 900, 1)
+
+
+def test_capture_void_storm_across_two_replicas(api_a, second_server):
+    alice = api_a.funded_account(1000)
+    h = placed(api_a, alice, 500)
+    calls = []
+    for i in range(10):
+        c = api_a.clone(second_server.base if i % 2 else None)
+        calls.append((lambda c=c: capture(c, h["id"], {"amount": 100})) if i % 3 else (lambda c=c: void(c, h["id"])))
+    results = lt.parallel(calls)
+    assert sum(r.status_code == 200 for r in results) == 1, [(r.status_code, r.text[:100]) for r in results]
+    final = hold_now(api_a, h["id"])
+    code = {"captured": "hold-captured", "voided": "hold-voided"}[final["status"]]
+    for r in results:
+        if r.status_code != 200:
+            lt.assert_problem(r, 422, code)
+    assert money(api_a, alice)[:3] == ((900, 0, 900) if final["status"] == "captured" else (1000, 0, 1000))
+
+
+@pytest.mark.parametrize("raw", ["null", "[]", "1", '"x"', "{"])
+def test_capture_and_void_non_object_bodies(api_a, raw):
+    alice = api_a.funded_account(100)
+    h = placed(api_a, alice, 10)
+    lt.assert_problem(capture(api_a, h["id"], raw=raw), 400, "invalid-json")
+    lt.assert_problem(void(api_a, h["id"], raw=raw), 400, "invalid-json")
+    assert hold_now(api_a, h["id"])["status"] == "pending"
+
+
+def test_capture_and_void_require_a_key(api_a):
+    alice = api_a.funded_account(100)
+    h = placed(api_a, alice, 10)
+    for op in ("capture", "void"):
+        r = api_a.request("POST", f"/v1/holds/{h['id']}/{op}", body={})
+        lt.assert_problem(r, 400, "idempotency-key-missing")
+    assert hold_now(api_a, h["id"])["status"] == "pending"
+
+
+def test_list_holds_malformed_account_id(api_a):
+    lt.assert_problem(api_a.get("/v1/accounts/%40world/holds"), 400, "invalid-account-id")
+    lt.assert_problem(api_a.get("/v1/accounts/" + "a" * 65 + "/holds"), 400, "invalid-account-id")
+
+
+def test_hold_metadata_limit(api_a):
+    alice = api_a.funded_account(100)
+    lt.assert_problem(place(api_a, alice, 1, metadata={"x": "y" * 4100}), 400, "invalid-metadata")
+    h = placed(api_a, alice, 1)
+    lt.assert_problem(capture(api_a, h["id"], {"metadata": {"x": "y" * 4100}}), 400, "invalid-metadata")
+
+
+def test_quoted_key_is_the_same_key(api_a):
+    alice = api_a.funded_account(1000)
+    h = placed(api_a, alice, 100)
+    bare = lt.uid("k-")
+    first = capture(api_a, h["id"], {"amount": 10}, key=bare)
+    lt.assert_first(first, 200)
+    lt.assert_replay_of(first, capture(api_a, h["id"], {"amount": 10}, key=f'"{bare}"'))
+    lt.assert_problem(capture(api_a, h["id"], {"amount": 10}, key=bare.upper()), 422, "hold-captured")
+
+
+@pytest.mark.parametrize("op", ["place", "capture", "void"])
+def test_in_progress_key_is_409(api_a, main_db, start_server, op):
+    srv = start_server(["--key-wait-ms", "300"])
+    api = api_a.clone(srv.base)
+    alice = api.funded_account(1000)
+    h = placed(api, alice, 100)
+    key = lt.uid("k-")
+    call = {
+        "place": lambda: place(api, alice, 5, key=key),
+        "capture": lambda: capture(api, h["id"], key=key),
+        "void": lambda: void(api, h["id"], key=key),
+    }[op]
+    with lt.holding_key_lock(main_db, api.client, key):
+        r = call()
+        lt.assert_problem(r, 409, "idempotency-key-in-progress")
+        assert r.headers.get("Retry-After"), lt.describe(r)
+    lt.assert_first(call(), 201 if op == "place" else 200)
+
+
+def test_captures_and_voids_racing_the_expiry(api_a, main_db, sql):
+    """Operations fired around expires_at either win (the hold is captured/voided, before expires_at) or answer
+    hold-expired (the hold ends expired); never both, never a 5xx, and the invariants hold."""
+    alice = api_a.funded_account(100000)
+    holds = [placed(api_a, alice, 100, expires_in_s=1) for _ in range(12)]
+    base = time.monotonic()
+
+    def fire(i, h):
+        c = api_a.clone()
+        time.sleep(max(0.0, 0.85 + 0.025 * i - (time.monotonic() - base)))
+        return capture(c, h["id"], {"amount": 50}) if i % 2 == 0 else void(c, h["id"])
+
+    results = lt.parallel([lambda i=i, h=h: fire(i, h) for i, h in enumerate(holds)])
+    time.sleep(0.1)
+    for i, (h, r) in enumerate(zip(holds, results)):
+        final = hold_now(api_a, h["id"])
+        if r.status_code == 200:
+            assert final["status"] == ("captured" if i % 2 == 0 else "voided"), (final, r.text)
+            assert r.json() == final
+        else:
+            lt.assert_problem(r, 422, "hold-expired")
+            assert final["status"] == "expired", final
+        if final["status"] == "captured":
+            ok = sql(f"SELECT t.created_at < h.expires_at FROM ledger.holds h JOIN ledger.transfers t "
+                     f"ON t.client_id = h.client_id AND t.id = h.transfer_id WHERE h.id = {int(h['id'])}")
+            assert ok == "t", f"captured at or after expires_at: {final}"
+    acct = api_a.account(alice)
+    captured = sum(50 for i, r in enumerate(results) if i % 2 == 0 and r.status_code == 200)
+    assert (acct["balance"], acct["held"]) == (100000 - captured, 0), acct
+    proc = lt.verify(main_db)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

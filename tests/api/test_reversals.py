@@ -341,3 +341,45 @@ def test_concurrent_reversals_of_many_transfers_with_debits(api_a):
             lt.assert_problem(r, 422, "insufficient-funds")
     assert sum(r.status_code == 201 for r in results) == 6
     assert api_a.account(bob)["balance"] == 0
+
+
+def test_stored_transfer_not_found_replays_after_the_id_exists(api_a):
+    alice = api_a.funded_account(1000)
+    bob = api_a.new_account()
+    t = made(api_a.transfer(alice, bob, 10))
+    future = str(int(t["id"]) + 1)
+    k = lt.uid("k-")
+    first = reverse(api_a, future, key=k)
+    lt.assert_problem(first, 404, "transfer-not-found")
+    nxt = made(api_a.transfer(alice, bob, 20))
+    lt.assert_replay_of(first, reverse(api_a, future, key=k))
+    assert transfer_now(api_a, nxt["id"])["reversed_amount"] == 0
+    assert bal(api_a, bob) == (30, 2)
+
+
+def test_concurrent_reversals_across_two_replicas(api_a, second_server):
+    alice = api_a.funded_account(1000)
+    bob = api_a.new_account()
+    t = made(api_a.transfer(alice, bob, 50))
+    apis = [api_a.clone(), api_a.clone(second_server.base)] * 10
+    results = lt.parallel([lambda c=c: reverse(c, t["id"], {"amount": 3}) for c in apis])
+    for r in results:
+        if r.status_code != 201:
+            lt.assert_problem(r, 422, "reversal-exceeds-transfer")
+    assert sum(r.status_code == 201 for r in results) == 16
+    assert transfer_now(api_a, t["id"])["reversed_amount"] == 48
+    assert api_a.balance(bob) == 2
+
+
+def test_same_key_concurrent_reversal_executes_once(api_a, second_server):
+    alice = api_a.funded_account(1000)
+    bob = api_a.new_account()
+    t = made(api_a.transfer(alice, bob, 50))
+    key = lt.uid("k-")
+    apis = [api_a.clone(), api_a.clone(second_server.base)] * 4
+    results = lt.parallel([lambda c=c: reverse(c, t["id"], {"amount": 20}, key=key) for c in apis])
+    firsts = [r for r in results if lt.replayed(r) == "false"]
+    assert len(firsts) == 1, [(r.status_code, lt.replayed(r)) for r in results]
+    for r in results:
+        assert r.status_code == 201 and r.content == firsts[0].content, lt.describe(r)
+    assert transfer_now(api_a, t["id"])["reversed_amount"] == 20
