@@ -5,4 +5,4 @@ SELECT outcome, status_code, response_body FROM ledger.post_transfer(
     'bench', 'pgbench-hot-' || :run || '-' || :client_id || '-' || :k,
     'POST /v1/transfers' || chr(10) || '{"amount":1,"currency":"USD","from":"x","to":"y"}',
     CASE WHEN :flip = 1 THEN 'bench-hot-a' ELSE 'bench-hot-b' END,
-    CASE WHEN :flip = 1 THEN 'bench-hot-b' ELSE 'bench-hot-a' END, 1, 'USD', '{}', 5000);
+    CASE WHEN :flip = 1 THEN 'bench-hot-b' ELSE 'bench-hot-a' END, 1, 'USD', '{}', NULL, 5000);

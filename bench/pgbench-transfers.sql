@@ -8,4 +8,4 @@
 SELECT outcome, status_code, response_body FROM ledger.post_transfer(
     'bench', 'pgbench-' || :run || '-' || :client_id || '-' || :k,
     'POST /v1/transfers' || chr(10) || '{"amount":1,"currency":"USD","from":"bench-' || :a || '","to":"bench-' || :b || '"}',
-    'bench-' || :a, 'bench-' || :b, 1, 'USD', '{}', 5000);
+    'bench-' || :a, 'bench-' || :b, 1, 'USD', '{}', NULL, 5000);

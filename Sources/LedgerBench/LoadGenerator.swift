@@ -14,10 +14,12 @@ import NIOPosix
 /// - `batch`: POST /v1/transfers/batch with `batchSize` transfers between random pairs each, atomic;
 /// - `batch-disjoint`: as `batch`, but each connection draws its pairs from a slice of the accounts of its own, so no
 ///   two connections' batches share an account (payout runs of different merchants): what batches cost when they
-///   need not wait for each other's row locks.
+///   need not wait for each other's row locks;
+/// - `holds`: a hold between two random accounts, then its capture (two requests, measured as one: the pair's
+///   latency, one transfer).
 public struct LoadGenerator: Sendable {
     public enum Workload: String, Sendable, CaseIterable {
-        case transfers, hot, replays, mixed, batch
+        case transfers, hot, replays, mixed, batch, holds
         case batchDisjoint = "batch-disjoint"
 
         var isBatch: Bool { self == .batch || self == .batchDisjoint }
@@ -218,6 +220,12 @@ public struct LoadGenerator: Sendable {
             case .mixed where !sent.isEmpty && Int.random(in: 0..<10, using: &generator) == 0:
                 request = sent[Int.random(in: 0..<sent.count, using: &generator)]
                 expectReplay = true
+            case .holds:
+                request = BenchConnection.request(
+                    method: .POST, path: "/v1/holds", host: host,
+                    headers: headers(key: "bench-\(options.runID)-\(index)-\(sequence)-hold"),
+                    body: transferBody(accounts: 0..<options.accounts, using: &generator))
+                expectReplay = false
             default:
                 request = newTransfer(lane: index, sequence: sequence, host: host, using: &generator)
                 expectReplay = false
@@ -225,7 +233,11 @@ public struct LoadGenerator: Sendable {
             }
             sequence += 1
             let started = ContinuousClock.now
-            let response = try await connection.send(request)
+            var response = try await connection.send(request)
+            if options.workload == .holds && response.status == 201 {
+                response = try await connection.send(capture(of: response, lane: index, sequence: sequence, host: host))
+                if response.status == 200 { response.status = 201 }
+            }
             let latency = ContinuousClock.now - started
             _ = lane.histogram.record(UInt64(latency.components.attoseconds / 1_000_000_000_000) + UInt64(latency.components.seconds) * 1_000_000)
             lane.requests += 1
@@ -244,6 +256,20 @@ public struct LoadGenerator: Sendable {
             method: .POST, path: "/v1/transfers", host: host,
             headers: headers(key: "bench-\(options.runID)-\(lane)-\(sequence)"),
             body: transferBody(accounts: 0..<options.accounts, using: &generator))
+    }
+
+    /// The capture of the hold a 201 answer describes (its `"id"` is the first member).
+    private func capture(
+        of placed: BenchConnection.Response, lane: Int, sequence: Int, host: String
+    ) throws -> BenchConnection.Request {
+        let text = String(buffer: placed.body)
+        guard text.hasPrefix("{\"id\":\""), let end = text.dropFirst(7).firstIndex(of: "\"") else {
+            throw BenchConnection.Failure(description: "a hold answer without an id: \(text.prefix(80))")
+        }
+        let id = text[text.index(text.startIndex, offsetBy: 7)..<end]
+        return BenchConnection.request(
+            method: .POST, path: "/v1/holds/\(id)/capture", host: host,
+            headers: headers(key: "bench-\(options.runID)-\(lane)-\(sequence)-capture"), body: "{}")
     }
 
     /// `{"from":...,"to":...,"amount":1,"currency":"USD"}` between the hot pair or two random accounts of `accounts`.

@@ -15,7 +15,7 @@ extension LedgerCommand {
         @Option(name: .customLong("token"), help: "Bearer token (env: LEDGER_TOKEN).")
         var token: String?
 
-        @Option(name: .customLong("workload"), help: "transfers, hot, replays, mixed, batch or batch-disjoint (default: transfers).")
+        @Option(name: .customLong("workload"), help: "transfers, hot, replays, mixed, batch, batch-disjoint or holds (default: transfers).")
         var workload: String = "transfers"
 
         @Option(name: .customLong("connections"), help: "Concurrent connections, one request in flight each (default: 16).")
@@ -35,7 +35,7 @@ extension LedgerCommand {
 
         func validate() throws {
             guard LoadGenerator.Workload(rawValue: workload) != nil else {
-                throw ValidationError("workload must be one of transfers, hot, replays, mixed, batch, batch-disjoint")
+                throw ValidationError("workload must be one of transfers, hot, replays, mixed, batch, batch-disjoint, holds")
             }
             guard workload != "batch-disjoint" || accounts >= 2 * connections else {
                 throw ValidationError("batch-disjoint gives each connection accounts of its own: accounts must be at least 2 x connections")
