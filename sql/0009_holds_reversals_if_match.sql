@@ -1,16 +1,16 @@
 -- 0009_holds_reversals_if_match.sql: holds (authorize, capture, void, expiry), reversals and conditional writes,
 -- all through the one implementation of the money rules, ledger.execute_movements, which gains:
 --   kinds of item: 'move' (a transfer), 'reserve' (place a hold: the payer's held grows), 'release' (a void: it
---   shrinks), 'expire' (the sweep: a due hold leaves held); a capture is a 'move' that first releases its hold;
+--   shrinks), 'touch' (the sweep: only lock the payer); a capture is a 'move' that first releases its hold;
 --   If-Match: the version the item's payer (the credited account of a credit) must have, else 412;
---   funds checked on available = balance - held, where held counts only holds not yet due.
+--   funds checked on available = balance - held, after recording the expiry of the payer's holds that are due.
 -- Descriptions live in COMMENT ON; see also sql/README.md.
 
 -- Held: the sum of the payer's holds whose status is still 'pending' (due ones included until recorded expired).
 ALTER TABLE ledger.accounts
     ADD COLUMN held bigint NOT NULL DEFAULT 0 CONSTRAINT accounts_held_non_negative CHECK (held >= 0);
-ALTER TABLE ledger.accounts
-    ADD CONSTRAINT accounts_available_non_negative CHECK (allow_negative OR balance >= held);
+-- No CHECK ties balance to held: held may still count a hold past expires_at that a capture or void is deciding at
+-- that moment, which no longer counts in available (the rules check available; `ledger verify` does too).
 
 CREATE TABLE ledger.holds (
     client_id       text        NOT NULL,
@@ -185,8 +185,8 @@ DECLARE
     v_balance   bigint[];
     v_version   bigint[];
     v_allow     boolean[];
-    v_held      bigint[];      -- held by holds not yet due (what available subtracts)
-    v_due       bigint[];      -- held by pending holds already due (still in the column until recorded)
+    v_held      bigint[];      -- held by pending holds not yet due: what available subtracts
+    v_due       bigint[];      -- held by due holds another transaction has locked (still pending in the column)
     v_from_ver  bigint[];      -- per item: the versions and balances its two entries produce (NULL: no transfer)
     v_to_ver    bigint[];
     v_from_bal  bigint[];
@@ -234,9 +234,8 @@ BEGIN
         ON CONFLICT DO NOTHING;
     END IF;
 
-    -- 3. Lock every account in one pass, in one fixed order (byte order of the id), and read them, with the part of
-    -- held that is already due. A `@world` not created in step 2 serves only items that fail or batches that write
-    -- nothing: it reads as a new one.
+    -- 3. Lock every account in one pass, in one fixed order (byte order of the id), and read them. A `@world` not
+    -- created in step 2 serves only items that fail or batches that write nothing: it reads as a new one.
     WITH wanted AS (
         SELECT DISTINCT x.id FROM unnest(v_src || v_dst) AS x(id)
     ), locked AS MATERIALIZED (
@@ -247,12 +246,39 @@ BEGIN
         FOR UPDATE
     )
     SELECT array_agg(w.id), array_agg(coalesce(l.balance, 0)), array_agg(coalesce(l.version, 0)),
-           array_agg(coalesce(l.allow_negative, true)), array_agg(coalesce(l.held, 0) - d.due), array_agg(d.due)
-    INTO v_ids, v_balance, v_version, v_allow, v_held, v_due
+           array_agg(coalesce(l.allow_negative, true)), array_agg(coalesce(l.held, 0))
+    INTO v_ids, v_balance, v_version, v_allow, v_held
     FROM wanted w
     LEFT JOIN locked l ON l.id = w.id
-    CROSS JOIN LATERAL (SELECT coalesce(l.held, 0) - ledger.effective_held(p_client, w.id, coalesce(l.held, 0)) AS due) d
     WHERE l.id IS NOT NULL OR starts_with(w.id, '@world:');
+
+    -- 3b. Holds of these payers past expires_at are expired for every later request: record that now, under the
+    -- accounts' locks, so that the stored held stays exact. A due hold another transaction has locked (a capture or
+    -- void deciding it) is left pending for it, but no longer counts in available either.
+    v_due := array_fill(0::bigint, ARRAY[cardinality(v_ids)]);
+    IF EXISTS (SELECT 1 FROM unnest(v_held) AS h(held) WHERE h.held > 0) THEN
+        WITH due AS (
+            SELECT h.id FROM ledger.holds h
+            WHERE h.client_id = p_client AND h.from_account = ANY (v_ids) AND h.status = 'pending'
+              AND h.expires_at <= now()
+            FOR UPDATE SKIP LOCKED
+        ), expired AS (
+            UPDATE ledger.holds h SET status = 'expired'
+            FROM due WHERE h.client_id = p_client AND h.id = due.id
+            RETURNING h.from_account, h.amount
+        )
+        SELECT array_agg(x.held - coalesce(e.amount, 0) ORDER BY x.n) INTO v_held
+        FROM unnest(v_ids, v_held) WITH ORDINALITY AS x(id, held, n)
+        LEFT JOIN (SELECT e.from_account, sum(e.amount)::bigint AS amount FROM expired e GROUP BY e.from_account) e
+          ON e.from_account = x.id;
+        SELECT array_agg(x.held - coalesce(d.amount, 0) ORDER BY x.n), array_agg(coalesce(d.amount, 0) ORDER BY x.n)
+        INTO v_held, v_due
+        FROM unnest(v_ids, v_held) WITH ORDINALITY AS x(id, held, n)
+        LEFT JOIN (SELECT h.from_account, sum(h.amount)::bigint AS amount FROM ledger.holds h
+                   WHERE h.client_id = p_client AND h.from_account = ANY (v_ids) AND h.status = 'pending'
+                     AND h.expires_at <= now()
+                   GROUP BY h.from_account) d ON d.from_account = x.id;
+    END IF;
     SELECT array_agg(f.at ORDER BY i.n), array_agg(t.at ORDER BY i.n)
     INTO v_from_at, v_to_at
     FROM unnest(v_src, v_dst) WITH ORDINALITY AS i(src, dst, n)
@@ -281,8 +307,8 @@ BEGIN
             v_problem[i] := v_mismatch[i];
         ELSIF v_kind = 'release' THEN
             v_held[v_f] := v_held[v_f] - v_amount;
-        ELSIF v_kind = 'expire' THEN
-            v_due[v_f] := v_due[v_f] - v_amount;
+        ELSIF v_kind = 'touch' THEN
+            NULL;
         ELSE
             -- What the payer may spend: balance - held, after a capture released its own hold.
             v_held[v_f] := v_held[v_f] - coalesce(p_release[i], 0);
@@ -707,7 +733,7 @@ BEGIN
         RETURN;
     END IF;
     v_hold := v_locked.hold;
-    PERFORM ledger.release_holds(p_client, ARRAY[v_hold.id], 'release');
+    PERFORM ledger.release_holds(p_client, ARRAY[v_hold.id]);
     UPDATE ledger.holds h SET status = 'voided', finished_key = p_key, finished_sha256 = v_sha
     WHERE h.client_id = p_client AND h.id = v_hold.id
     RETURNING * INTO v_hold;
@@ -721,10 +747,9 @@ AS $$
 SELECT CASE WHEN starts_with(p_account, '@world:') THEN NULL ELSE p_account END
 $$;
 
--- Takes locked holds of one client out of their payers' held, through the rules: 'release' (a void: the hold was
--- not due) or 'expire' (the hold was due). Each item names its payer on both sides: nothing moves, only the payer is
--- locked (no `@world`).
-CREATE FUNCTION ledger.release_holds(p_client text, p_holds bigint[], p_kind text) RETURNS void
+-- Takes locked, pending holds of one client out of their payers' held, through the rules (a void). Each item names
+-- its payer on both sides: nothing moves, only the payer is locked (no `@world`).
+CREATE FUNCTION ledger.release_holds(p_client text, p_holds bigint[]) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v_failed text;
@@ -732,41 +757,53 @@ BEGIN
     SELECT min(m.problem) INTO v_failed
     FROM (SELECT array_agg('release-' || h.id ORDER BY h.id) AS keys, array_agg(h.from_account ORDER BY h.id) AS payers,
                  array_agg(h.amount ORDER BY h.id) AS amounts, array_agg(h.currency ORDER BY h.id) AS currencies,
-                 array_agg(p_kind ORDER BY h.id) AS kinds, count(*) AS n
+                 count(*) AS n
           FROM ledger.holds h WHERE h.client_id = p_client AND h.id = ANY (p_holds)) x,
     LATERAL ledger.execute_movements(p_client, false, x.keys, array_fill('\x'::bytea, ARRAY[x.n::integer]),
         array_fill(0, ARRAY[x.n::integer]), x.payers, x.payers, x.amounts,
-        x.currencies, array_fill('{}'::jsonb, ARRAY[x.n::integer]), NULL, x.kinds) m;
+        x.currencies, array_fill('{}'::jsonb, ARRAY[x.n::integer]), NULL,
+        array_fill('release'::text, ARRAY[x.n::integer])) m;
     IF v_failed IS NOT NULL THEN
         RAISE EXCEPTION 'releasing holds failed: %', v_failed USING ERRCODE = 'internal_error';
     END IF;
 END;
 $$;
 
--- The expiry sweep of `ledger serve`: records at most p_batch due holds as expired, per client, and returns how
--- many. Several replicas share the work (SKIP LOCKED).
+-- The expiry sweep of `ledger serve`: for the payers of at most p_batch due holds, runs the rules with a 'touch'
+-- item each, which records every due hold of theirs as expired (step 3b of ledger.execute_movements); returns how
+-- many holds it recorded. Several replicas may sweep at once: a hold is recorded once (it must still be pending),
+-- and holds another transaction has locked are left for later.
 CREATE FUNCTION ledger.expire_holds(p_batch integer) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     v_client record;
+    v_before bigint;
     v_total  integer := 0;
 BEGIN
     IF p_batch < 1 OR p_batch > 10000 THEN
         RAISE EXCEPTION 'batch size % outside 1..10000', p_batch USING ERRCODE = 'invalid_parameter_value';
     END IF;
     FOR v_client IN
-        WITH due AS (
-            SELECT h.client_id, h.id FROM ledger.holds h
-            WHERE h.status = 'pending' AND h.expires_at <= now()
-            ORDER BY h.expires_at
-            LIMIT p_batch
-            FOR UPDATE SKIP LOCKED
-        )
-        SELECT d.client_id, array_agg(d.id) AS ids FROM due d GROUP BY d.client_id ORDER BY d.client_id
+        SELECT d.client_id, array_agg(DISTINCT d.from_account) AS payers
+        FROM (SELECT h.client_id, h.from_account FROM ledger.holds h
+              WHERE h.status = 'pending' AND h.expires_at <= now()
+              ORDER BY h.expires_at LIMIT p_batch) d
+        GROUP BY d.client_id ORDER BY d.client_id
     LOOP
-        PERFORM ledger.release_holds(v_client.client_id, v_client.ids, 'expire');
-        UPDATE ledger.holds h SET status = 'expired' WHERE h.client_id = v_client.client_id AND h.id = ANY (v_client.ids);
-        v_total := v_total + cardinality(v_client.ids);
+        SELECT count(*) INTO v_before FROM ledger.holds h
+        WHERE h.client_id = v_client.client_id AND h.from_account = ANY (v_client.payers) AND h.status = 'pending'
+          AND h.expires_at <= now();
+        PERFORM 1
+        FROM (SELECT array_agg(a.id ORDER BY a.id) AS ids, array_agg(a.currency ORDER BY a.id) AS currencies,
+                     count(*)::integer AS n
+              FROM ledger.accounts a WHERE a.client_id = v_client.client_id AND a.id = ANY (v_client.payers)) x,
+        LATERAL ledger.execute_movements(v_client.client_id, false,
+            (SELECT array_agg('expire-' || i) FROM generate_series(1, x.n) i), array_fill('\x'::bytea, ARRAY[x.n]),
+            array_fill(0, ARRAY[x.n]), x.ids, x.ids, array_fill(1::bigint, ARRAY[x.n]), x.currencies,
+            array_fill('{}'::jsonb, ARRAY[x.n]), NULL, array_fill('touch'::text, ARRAY[x.n])) m;
+        v_total := v_total + v_before - (SELECT count(*) FROM ledger.holds h
+            WHERE h.client_id = v_client.client_id AND h.from_account = ANY (v_client.payers) AND h.status = 'pending'
+              AND h.expires_at <= now());
     END LOOP;
     RETURN v_total;
 END;
@@ -890,9 +927,10 @@ GROUP BY a.client_id, a.id, a.held
 HAVING a.held <> coalesce(sum(h.amount), 0)
 UNION ALL
 SELECT 'no-negative-available', a.client_id, a.id,
-       'account ' || a.id || ' does not allow negative balances but has ' || a.balance || ' with ' || a.held || ' held'
+       'account ' || a.id || ' does not allow negative balances but has ' || a.balance || ' with '
+       || ledger.effective_held(a.client_id, a.id, a.held) || ' held'
 FROM ledger.accounts a
-WHERE NOT a.allow_negative AND a.balance < a.held
+WHERE NOT a.allow_negative AND a.balance < ledger.effective_held(a.client_id, a.id, a.held)
 UNION ALL
 SELECT 'capture-has-one-transfer', h.client_id, h.id::text,
        'hold ' || h.id || ' is ' || h.status || ' with captured_amount ' || h.captured_amount || ' and '
@@ -949,7 +987,7 @@ COMMENT ON COLUMN ledger.holds.to_account IS 'Credited account on capture; @worl
 COMMENT ON COLUMN ledger.holds.captured_amount IS '0 until captured; then the captured amount (1 .. amount).';
 COMMENT ON COLUMN ledger.holds.transfer_id IS 'The capture''s transfer.';
 COMMENT ON COLUMN ledger.holds.expires_at IS 'From this instant (the database''s clock) the hold counts in no held or available.';
-COMMENT ON COLUMN ledger.accounts.held IS 'Sum of the amounts of the account''s holds (as payer) recorded pending. available = balance - held, less holds already past expires_at (ledger.effective_held).';
+COMMENT ON COLUMN ledger.accounts.held IS 'Sum of the amounts of the account''s holds (as payer) recorded pending. Every write of the account first records its due holds expired; reads subtract holds already past expires_at (ledger.effective_held), so that available = balance - held counts no expired hold.';
 COMMENT ON COLUMN ledger.transfers.hold_id IS 'The hold this transfer captured, else NULL.';
 COMMENT ON COLUMN ledger.transfers.reverses IS 'The transfer this one reverses (a refund), else NULL.';
 COMMENT ON COLUMN ledger.transfers.reversed_amount IS 'Sum of the amounts of this transfer''s reversals; never above amount (CHECK).';
@@ -962,7 +1000,7 @@ COMMENT ON FUNCTION ledger.post_hold(text, text, text, text, text, bigint, text,
 COMMENT ON FUNCTION ledger.post_capture(text, text, text, text, bigint, jsonb, integer) IS 'POST /v1/holds/{id}/capture: locks the hold, checks its status and amount, then moves the captured amount through ledger.execute_movements, which releases the whole hold first.';
 COMMENT ON FUNCTION ledger.post_void(text, text, text, text, integer) IS 'POST /v1/holds/{id}/void: locks the hold, checks its status, releases it through ledger.execute_movements.';
 COMMENT ON FUNCTION ledger.post_reversal(text, text, text, text, bigint, jsonb, integer) IS 'POST /v1/transfers/{id}/reversals: locks the original transfer, checks reversible and what is left, then moves the amount back through ledger.execute_movements and adds it to the original''s reversed_amount (CHECKed never above its amount).';
-COMMENT ON FUNCTION ledger.expire_holds(integer) IS 'The sweep of ledger serve (--hold-sweep-interval-ms): records up to p_batch due holds as expired, releasing them through ledger.execute_movements, per client.';
+COMMENT ON FUNCTION ledger.expire_holds(integer) IS 'The sweep of ledger serve (--hold-sweep-interval-ms): for the payers of up to p_batch due holds, runs ledger.execute_movements with a touch item each, which records their due holds expired; returns how many it recorded.';
 COMMENT ON FUNCTION ledger.holds_page(text, text, text, bigint, integer) IS 'GET /v1/accounts/{id}/holds: one page, newest first, keyed by hold id.';
 COMMENT ON VIEW ledger.hold_overview IS 'Holds as the API shows them (status with expiry applied) beside what is recorded.';
 COMMENT ON VIEW ledger.reversals IS 'Each reversal (refund) beside the transfer it reverses.';

@@ -198,7 +198,6 @@ def test_verify_detects_negative_balance_on_non_negative_account(seeded_db):
     lt.psql(
         seeded_db,
         "ALTER TABLE ledger.accounts DROP CONSTRAINT accounts_non_negative; "
-        "ALTER TABLE ledger.accounts DROP CONSTRAINT accounts_available_non_negative; "
         "UPDATE ledger.accounts SET allow_negative = false WHERE id = 'neg-acct'",
     )
     proc = lt.verify(seeded_db)
