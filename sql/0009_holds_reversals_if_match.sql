@@ -255,7 +255,7 @@ BEGIN
     -- 3b. Holds of these payers past expires_at are expired for every later request: record that now, under the
     -- accounts' locks, so that the stored held stays exact. A due hold another transaction has locked (a capture or
     -- void deciding it) is left pending for it, but no longer counts in available either.
-    v_due := array_fill(0::bigint, ARRAY[cardinality(v_ids)]);
+    v_due := array_fill(0::bigint, ARRAY[coalesce(cardinality(v_ids), 0)]);
     IF EXISTS (SELECT 1 FROM unnest(v_held) AS h(held) WHERE h.held > 0) THEN
         WITH due AS (
             SELECT h.id FROM ledger.holds h
