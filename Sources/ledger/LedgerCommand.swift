@@ -91,9 +91,18 @@ enum Environment {
             value = defaultValue
         }
         guard range.contains(value) else {
-            throw ValidationError("\(name) must be within \(range.lowerBound)...\(range.upperBound), not \(value)")
+            // Name what the value came from: the flag when it was given, else the environment variable.
+            let source = flag != nil ? flagName(ofEnvironment: name) : name
+            throw ValidationError("\(source) must be within \(range.lowerBound)...\(range.upperBound), not \(value)")
         }
         return value
+    }
+
+    /// `--retention-s` for `LEDGER_RETENTION_S`, `--port` for `PORT`: every flag is its variable's name without
+    /// `LEDGER_`, lower-case, with dashes.
+    static func flagName(ofEnvironment name: String) -> String {
+        let bare = name.hasPrefix("LEDGER_") ? String(name.dropFirst("LEDGER_".count)) : name
+        return "--" + bare.lowercased().replacingOccurrences(of: "_", with: "-")
     }
 
     static func bool(_ name: String) -> Bool {
@@ -212,7 +221,7 @@ struct RetentionFlags: ParsableArguments {
     func options(purgeIntervalSeconds: Int? = nil) throws -> RetentionOptions {
         RetentionOptions(
             retention: .seconds(
-                try Environment.int("LEDGER_RETENTION_S", flag: retentionSeconds, default: 86_400, range: 1...(3_650 * 86_400))),
+                try Environment.int("LEDGER_RETENTION_S", flag: retentionSeconds, default: 86_400, range: 0...(3_650 * 86_400))),
             purgeInterval: .seconds(
                 try Environment.int("LEDGER_PURGE_INTERVAL_S", flag: purgeIntervalSeconds, default: 60, range: 1...86_400)),
             purgeBatchSize: try Environment.int(

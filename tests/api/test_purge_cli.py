@@ -38,3 +38,18 @@ def test_purge_help_shows_its_own_flags_only():
     assert refused.returncode != 0 and "purge-interval-s" in refused.stderr, refused.stderr
     serve = lt.run_ledger(["serve", "--help"])
     assert "--purge-interval-s" in serve.stdout and "LEDGER_PURGE_INTERVAL_S" in serve.stdout, serve.stdout
+
+
+def test_purge_retention_zero_purges_everything_and_errors_name_the_flag(scratch_db):
+    lt.migrate(scratch_db)
+    lt.create_token(scratch_db, "zero")
+    lt.psql(scratch_db, "INSERT INTO ledger.idempotency_keys (client_id, key, request_sha256, status_code, response_body) "
+                        "VALUES ('zero', 'k', '\\x00', 404, '{}')")
+    proc = lt.run_ledger(["purge", "--retention-s", "0"], scratch_db)
+    assert proc.returncode == 0, proc.stderr
+    assert lt.psql(scratch_db, "SELECT count(*) FROM ledger.idempotency_keys") == "0"
+    refused = lt.run_ledger(["purge", "--retention-s=-1"], scratch_db)
+    assert refused.returncode != 0 and "--retention-s" in refused.stderr, refused.stderr
+    assert "LEDGER_RETENTION_S" not in refused.stderr, refused.stderr
+    by_env = lt.run_ledger(["purge"], scratch_db, env={"LEDGER_RETENTION_S": "-1"})
+    assert by_env.returncode != 0 and "LEDGER_RETENTION_S" in by_env.stderr, by_env.stderr
