@@ -113,6 +113,9 @@ extension Problem {
         Problem(
             status: 404, code: "account-not-found", title: "Account not found", detail: "Account \(id) does not exist.")
     }
+    public static let idempotencyKeyNotFound = Problem(
+        status: 404, code: "idempotency-key-not-found", title: "Idempotency-Key not found",
+        detail: "This client has no such Idempotency-Key: never used, or its purged outcome made nothing.")
     public static func transferNotFound(_ id: String) -> Problem {
         Problem(
             status: 404, code: "transfer-not-found", title: "Transfer not found",

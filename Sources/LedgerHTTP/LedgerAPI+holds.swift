@@ -7,28 +7,30 @@ import LedgerStore
 /// `GET /v1/holds/{id}` and `GET /v1/accounts/{id}/holds`.
 extension LedgerAPI {
     func postHold(_ call: RouteCall) async throws -> Response {
-        let (key, version) = try conditionalKey(call.request)
+        let (key, version, keyWait) = try keyedRequest(call)
         let hold = try HoldRequest.decode(body: call.body).get().conditioned(on: version)
-        let outcome = try await store.postHold(client: call.client, key: key, request: hold)
-        LedgerMetrics.holdOutcome(outcome, action: "placed")
+        let outcome = try await store.postHoldAnswer(client: call.client, key: key, request: hold, keyWait: keyWait)
+        LedgerMetrics.holdOutcome(outcome.outcome, action: "placed")
         return try answer(outcome, trace: call.trace)
     }
 
     func captureHold(_ call: RouteCall) async throws -> Response {
-        let key = try idempotencyKey(call.request)
+        let (key, _, keyWait) = try keyedRequest(call, ifMatch: false)
         let id = pathID(call.parameter("id"))
         let capture = try AmendRequest.decode(path: "/v1/holds/\(id)/capture", body: call.body).get()
-        let outcome = try await store.capture(client: call.client, key: key, hold: id, request: capture)
-        LedgerMetrics.holdOutcome(outcome, action: "captured")
+        let outcome = try await store.captureAnswer(
+            client: call.client, key: key, hold: id, request: capture, keyWait: keyWait)
+        LedgerMetrics.holdOutcome(outcome.outcome, action: "captured")
         return try answer(outcome, trace: call.trace)
     }
 
     func voidHold(_ call: RouteCall) async throws -> Response {
-        let key = try idempotencyKey(call.request)
+        let (key, _, keyWait) = try keyedRequest(call, ifMatch: false)
         let id = pathID(call.parameter("id"))
         let fingerprint = try AmendRequest.decodeVoid(path: "/v1/holds/\(id)/void", body: call.body).get()
-        let outcome = try await store.void(client: call.client, key: key, hold: id, fingerprintText: fingerprint)
-        LedgerMetrics.holdOutcome(outcome, action: "voided")
+        let outcome = try await store.voidAnswer(
+            client: call.client, key: key, hold: id, fingerprintText: fingerprint, keyWait: keyWait)
+        LedgerMetrics.holdOutcome(outcome.outcome, action: "voided")
         return try answer(outcome, trace: call.trace)
     }
 
@@ -55,11 +57,12 @@ extension LedgerAPI {
 
     /// Reversals (refunds): `POST /v1/transfers/{id}/reversals`.
     func postReversal(_ call: RouteCall) async throws -> Response {
-        let key = try idempotencyKey(call.request)
+        let (key, _, keyWait) = try keyedRequest(call, ifMatch: false)
         let id = pathID(call.parameter("id"))
         let reversal = try AmendRequest.decode(path: "/v1/transfers/\(id)/reversals", body: call.body).get()
-        let outcome = try await store.reverse(client: call.client, key: key, transfer: id, request: reversal)
-        LedgerMetrics.reversalOutcome(outcome)
+        let outcome = try await store.reverseAnswer(
+            client: call.client, key: key, transfer: id, request: reversal, keyWait: keyWait)
+        LedgerMetrics.reversalOutcome(outcome.outcome)
         return try answer(outcome, trace: call.trace)
     }
 

@@ -18,7 +18,42 @@ extension LedgerAPI {
         return (key, version)
     }
 
-    /// The answer to an idempotent POST: its stored outcome, or 422 reused, or 409 in progress.
+    /// What every keyed POST reads of its headers, in the contract's order: `Prefer: wait` (noted first, so that
+    /// even a 400 for the key carries `Preference-Applied`), the Idempotency-Key, `If-Match` (when the route takes
+    /// it), the media type. `keyWait`: this request's bound on the wait for its key, in ms, or nil for the default.
+    func keyedRequest(_ call: RouteCall, ifMatch: Bool = true) throws
+        -> (key: IdempotencyKey, version: Int64?, keyWait: Int?)
+    {
+        let keyWait = waitBound(call)
+        let (key, version) = try conditionalKey(call.request, ifMatch: ifMatch)
+        return (key, version, keyWait)
+    }
+
+    /// `Prefer: wait=<seconds>` (RFC 7240), cut to `--key-wait-ms`; nil when absent or malformed (ignored: the
+    /// default wait applies and no Preference-Applied is sent). The bound used is echoed in whole seconds, rounded
+    /// down, as `Preference-Applied: wait=N` on every answer to this request.
+    func waitBound(_ call: RouteCall) -> Int? {
+        guard let seconds = WaitPreference.seconds(inPreferValues: call.request.headers[values: .preferField]) else {
+            return nil
+        }
+        let keyWaitMax = store.options.keyWaitMilliseconds
+        let bound = seconds > keyWaitMax / 1_000 ? keyWaitMax : seconds * 1_000
+        call.trace.preferenceApplied = "wait=\(bound / 1_000)"
+        LedgerMetrics.waitPreference()
+        return bound
+    }
+
+    /// The answer to an idempotent POST: its stored outcome (with `Idempotency-TTL`), or 422 reused, or 409 in
+    /// progress.
+    func answer(_ keyed: LedgerStore.KeyedAnswer, trace: RequestTrace) throws -> Response {
+        var response = try answer(keyed.outcome, trace: trace)
+        if let ttl = keyed.ttlSeconds(retentionSeconds: store.options.retentionSeconds) {
+            response.headers[.idempotencyTTL] = String(ttl)
+        }
+        return response
+    }
+
+    /// The same without a TTL.
     func answer(_ outcome: LedgerStore.PostOutcome, trace: RequestTrace) throws -> Response {
         switch outcome {
         case .executed(let status, let json):

@@ -25,6 +25,7 @@ extension LedgerAPI {
         Route(.get, "/v1/holds/{id}") { api, call in try await api.getHold(call) },
         Route(.post, "/v1/holds/{id}/capture") { api, call in try await api.captureHold(call) },
         Route(.post, "/v1/holds/{id}/void") { api, call in try await api.voidHold(call) },
+        Route(.get, "/v1/idempotency-keys/{key}") { api, call in try await api.getIdempotencyKey(call) },
     ]
 
     /// `GET /v1/accounts/{id}`, one line per route in table order: what `ledger routes` prints.

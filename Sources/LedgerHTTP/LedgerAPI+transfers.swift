@@ -7,9 +7,11 @@ import LedgerStore
 extension LedgerAPI {
     /// One credit, debit or transfer, exactly once per Idempotency-Key: the key, then the body, then the store.
     func postTransfer(_ kind: TransferRequest.Kind, _ call: RouteCall) async throws -> Response {
-        let (key, version) = try conditionalKey(call.request)
+        let (key, version, keyWait) = try keyedRequest(call)
         let transfer = try TransferRequest.decode(kind: kind, body: call.body).get().conditioned(on: version)
-        return try answer(try await store.post(client: call.client, key: key, request: transfer), trace: call.trace)
+        return try answer(
+            try await store.postAnswer(client: call.client, key: key, request: transfer, keyWait: keyWait),
+            trace: call.trace)
     }
 
     func getTransfer(_ call: RouteCall) async throws -> Response {

@@ -53,6 +53,7 @@ public struct LedgerAPI: HTTPResponder {
             response = .problem(.internalError)
         }
         response.headers[.xRequestID] = trace.requestID
+        if let applied = trace.preferenceApplied { response.headers[.preferenceAppliedField] = applied }
         let duration = ContinuousClock.now - started
         LedgerMetrics.request(
             route: trace.route, method: request.method.rawValue, status: response.status.code, duration: duration)

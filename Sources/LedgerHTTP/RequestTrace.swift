@@ -12,6 +12,8 @@ final class RequestTrace {
     var client: String?
     var idempotencyOutcome: String?
     var problemCode: String?
+    /// `Preference-Applied` of a keyed POST with a well-formed `Prefer: wait`, sent on whatever it answers.
+    var preferenceApplied: String?
 
     init(requestID: String) {
         self.requestID = requestID
@@ -105,6 +107,14 @@ enum LedgerMetrics {
     }
 
     /// `ledger_precondition_failed_total`: a 412 version-mismatch executed (a stale If-Match).
+    static func waitPreference() {
+        counter("ledger_wait_preferences_total").increment()
+    }
+
+    static func idempotencyKeyLookup(state: String) {
+        counter("ledger_idempotency_key_lookups_total", [("state", state)]).increment()
+    }
+
     static func preconditionFailed() {
         counter("ledger_precondition_failed_total").increment()
     }

@@ -7,6 +7,9 @@ extension HTTPField.Name {
     static let idempotencyKey = HTTPField.Name("Idempotency-Key")!
     static let idempotentReplayed = HTTPField.Name("Idempotent-Replayed")!
     static let xRequestID = HTTPField.Name("X-Request-Id")!
+    static let idempotencyTTL = HTTPField.Name("Idempotency-TTL")!
+    static let preferField = HTTPField.Name("Prefer")!
+    static let preferenceAppliedField = HTTPField.Name("Preference-Applied")!
 }
 
 extension Response {

@@ -6,13 +6,19 @@ import PostgresClient
 extension LedgerStore {
     /// POST /v1/holds.
     public func postHold(client: String, key: IdempotencyKey, request: HoldRequest) async throws -> PostOutcome {
+        try await postHoldAnswer(client: client, key: key, request: request).outcome
+    }
+
+    public func postHoldAnswer(
+        client: String, key: IdempotencyKey, request: HoldRequest, keyWait: Int? = nil
+    ) async throws -> KeyedAnswer {
         try await keyed(
             "ledger.post_hold($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             [
                 .string(client), .string(key.value), .string(request.fingerprintText), .string(request.from),
                 request.to.map { .string($0) } ?? .null, .int64(request.amount), .string(request.currency),
                 .json(request.metadataJSON), .int32(Int32(request.expiresInSeconds)),
-                request.ifMatch.map { .int64($0) } ?? .null, keyWait,
+                request.ifMatch.map { .int64($0) } ?? .null, keyWaitBind(keyWait),
             ])
     }
 
@@ -20,11 +26,17 @@ extension LedgerStore {
     public func capture(client: String, key: IdempotencyKey, hold: String, request: AmendRequest) async throws
         -> PostOutcome
     {
+        try await captureAnswer(client: client, key: key, hold: hold, request: request).outcome
+    }
+
+    public func captureAnswer(
+        client: String, key: IdempotencyKey, hold: String, request: AmendRequest, keyWait: Int? = nil
+    ) async throws -> KeyedAnswer {
         try await keyed(
             "ledger.post_capture($1, $2, $3, $4, $5, $6, $7)",
             [
                 .string(client), .string(key.value), .string(request.fingerprintText), .string(hold),
-                request.amount.map { .int64($0) } ?? .null, request.metadataJSON.map { .json($0) } ?? .null, keyWait,
+                request.amount.map { .int64($0) } ?? .null, request.metadataJSON.map { .json($0) } ?? .null, keyWaitBind(keyWait),
             ])
     }
 
@@ -32,20 +44,32 @@ extension LedgerStore {
     public func void(client: String, key: IdempotencyKey, hold: String, fingerprintText: String) async throws
         -> PostOutcome
     {
+        try await voidAnswer(client: client, key: key, hold: hold, fingerprintText: fingerprintText).outcome
+    }
+
+    public func voidAnswer(
+        client: String, key: IdempotencyKey, hold: String, fingerprintText: String, keyWait: Int? = nil
+    ) async throws -> KeyedAnswer {
         try await keyed(
             "ledger.post_void($1, $2, $3, $4, $5)",
-            [.string(client), .string(key.value), .string(fingerprintText), .string(hold), keyWait])
+            [.string(client), .string(key.value), .string(fingerprintText), .string(hold), keyWaitBind(keyWait)])
     }
 
     /// POST /v1/transfers/{id}/reversals.
     public func reverse(client: String, key: IdempotencyKey, transfer: String, request: AmendRequest) async throws
         -> PostOutcome
     {
+        try await reverseAnswer(client: client, key: key, transfer: transfer, request: request).outcome
+    }
+
+    public func reverseAnswer(
+        client: String, key: IdempotencyKey, transfer: String, request: AmendRequest, keyWait: Int? = nil
+    ) async throws -> KeyedAnswer {
         try await keyed(
             "ledger.post_reversal($1, $2, $3, $4, $5, $6, $7)",
             [
                 .string(client), .string(key.value), .string(request.fingerprintText), .string(transfer),
-                request.amount.map { .int64($0) } ?? .null, request.metadataJSON.map { .json($0) } ?? .null, keyWait,
+                request.amount.map { .int64($0) } ?? .null, request.metadataJSON.map { .json($0) } ?? .null, keyWaitBind(keyWait),
             ])
     }
 
@@ -110,15 +134,31 @@ extension LedgerStore {
         }
     }
 
-    private var keyWait: PostgresBind { .int32(Int32(clamping: options.keyWaitMilliseconds)) }
+    /// p_key_wait_ms: this request's bound, else the option's.
+    private func keyWaitBind(_ keyWait: Int?) -> PostgresBind {
+        .int32(Int32(clamping: keyWait ?? options.keyWaitMilliseconds))
+    }
 
     /// One keyed request's function call, retried on serialization failures and deadlocks.
-    private func keyed(_ call: String, _ binds: [PostgresBind]) async throws -> PostOutcome {
+    private func keyed(_ call: String, _ binds: [PostgresBind]) async throws -> KeyedAnswer {
         try await mappingErrors {
             let rows = try await retryingConflicts {
-                try await pool.query("SELECT outcome, status_code, response_body FROM \(call)", binds)
+                try await pool.query(
+                    "SELECT outcome, status_code, response_body, \(TransferExecutor.ageColumn) FROM \(call)", binds)
             }
-            return try TransferExecutor.outcome(of: rows.rows[0])!
+            return try TransferExecutor.answer(of: rows.rows[0])!
+        }
+    }
+
+    /// `GET /v1/idempotency-keys/{key}`: the key's state (completed, in_progress, consumed) and its JSON, or nil
+    /// for a key this client never used or whose purged outcome made nothing.
+    public func idempotencyKeyState(client: String, key: String) async throws -> (state: String, body: String)? {
+        try await mappingErrors {
+            let rows = try await pool.query(
+                "SELECT state, body FROM ledger.idempotency_key_state($1, $2, $3)",
+                [.string(client), .string(key), .int32(Int32(clamping: options.retentionSeconds))])
+            guard let row = rows.first else { return nil }
+            return (try row.decode(String.self, "state"), try row.decode(String.self, "body"))
         }
     }
 }

@@ -30,11 +30,17 @@ public struct LedgerStore: Sendable {
         /// The retry hint, in seconds, of `LedgerStoreError.unavailable` and `.conflictExhausted` (sent as
         /// `Retry-After` by the HTTP layer). Default 1.
         public var retryAfterSeconds: Int
+        /// How long stored outcomes are kept at least (`--retention-s`), in seconds: what `Idempotency-TTL` and
+        /// the `expires_at` of a key count from. Default 86,400.
+        public var retentionSeconds: Int
 
         public init(
             keyWaitMilliseconds: Int = 5_000, conflictRetriesMax: Int = 3, batchMax: Int = 16,
-            batchConcurrencyMax: Int = 2, replayCacheBytesMax: Int = 8 << 20, retryAfterSeconds: Int = 1
+            batchConcurrencyMax: Int = 2, replayCacheBytesMax: Int = 8 << 20, retryAfterSeconds: Int = 1,
+            retentionSeconds: Int = 86_400
         ) {
+            precondition(retentionSeconds >= 1, "retentionSeconds must be positive")
+            self.retentionSeconds = retentionSeconds
             precondition(keyWaitMilliseconds >= 1, "keyWaitMilliseconds must be positive")
             precondition(conflictRetriesMax >= 0, "conflictRetriesMax must not be negative")
             precondition((1...1_000).contains(batchMax), "batchMax must be within 1...1000")
@@ -93,23 +99,70 @@ public struct LedgerStore: Sendable {
         case inProgress
     }
 
-    /// Executes a credit, debit or transfer exactly once per (client, key).
-    public func post(client: String, key: IdempotencyKey, request: TransferRequest) async throws -> PostOutcome {
-        if let known = replayCache?.outcome(client: client, key: key.value, fingerprint: request.fingerprintText) {
-            return known
+    /// The answer to a keyed request: its outcome and, for a stored outcome, when it was stored.
+    public struct KeyedAnswer: Sendable, Equatable {
+        public var outcome: PostOutcome
+        /// When the database stored the answered outcome (`idempotency_keys.created_at`, measured as an age by the
+        /// database's clock and placed on this process's clock); nil when the answer is no stored row (not stored,
+        /// or what a key whose stored outcome was purged made).
+        public var storedAt: ContinuousClock.Instant?
+
+        public init(outcome: PostOutcome, storedAt: ContinuousClock.Instant?) {
+            self.outcome = outcome
+            self.storedAt = storedAt
         }
-        let outcome = try await mappingErrors {
-            if let batcher { try await batcher.submit(client: client, key: key, request: request) } else {
-                try await executor.postAlone(client: client, key: key, request: request)
+
+        /// `Idempotency-TTL`: how much longer a retry is sure to replay this stored outcome, in whole seconds (the
+        /// retention minus the outcome's age, at least 0); nil when the answer is not a stored outcome. An answer
+        /// rebuilt from what a purged key made counts as past its retention: 0.
+        public func ttlSeconds(retentionSeconds: Int, now: ContinuousClock.Instant = .now) -> Int? {
+            switch outcome {
+            case .executed, .replayed:
+                guard let storedAt else { return 0 }
+                let age = now - storedAt
+                let ageMilliseconds = age.components.seconds * 1_000 + age.components.attoseconds / 1_000_000_000_000_000
+                return max(0, (Int64(retentionSeconds) * 1_000 - max(0, ageMilliseconds)) / 1_000).clampedToInt
+            case .reused, .inProgress:
+                return nil
             }
         }
-        replayCache?.remember(client: client, key: key.value, fingerprint: request.fingerprintText, outcome: outcome)
-        return outcome
+    }
+
+    /// Executes a credit, debit or transfer exactly once per (client, key).
+    public func post(client: String, key: IdempotencyKey, request: TransferRequest) async throws -> PostOutcome {
+        try await postAnswer(client: client, key: key, request: request).outcome
+    }
+
+    /// The same, with when its outcome was stored. `keyWait` (ms, >= 0): this request's bound on the wait for a
+    /// concurrent execution of its key (`Prefer: wait`); nil: `options.keyWaitMilliseconds`. A request with a bound
+    /// of its own runs alone, not in group commit: a group only tries the keys' locks, and one whose key is busy
+    /// then runs alone with the default bound, which is exactly what such a request asks to change.
+    public func postAnswer(
+        client: String, key: IdempotencyKey, request: TransferRequest, keyWait: Int? = nil
+    ) async throws -> KeyedAnswer {
+        if let known = replayCache?.answer(client: client, key: key.value, fingerprint: request.fingerprintText) {
+            return known
+        }
+        let answer = try await mappingErrors {
+            if let batcher, keyWait == nil { try await batcher.submit(client: client, key: key, request: request) } else {
+                try await executor.postAlone(client: client, key: key, request: request, keyWait: keyWait)
+            }
+        }
+        replayCache?.remember(
+            client: client, key: key.value, fingerprint: request.fingerprintText, outcome: answer.outcome,
+            storedAt: answer.storedAt)
+        return answer
     }
 
     /// Up to 1,000 transfers under one key, all or nothing or each on its own (`ledger.post_batch`): one round trip,
     /// one transaction, set-based statements.
     public func postBatch(client: String, key: IdempotencyKey, batch: BatchRequest) async throws -> PostOutcome {
+        try await postBatchAnswer(client: client, key: key, batch: batch).outcome
+    }
+
+    public func postBatchAnswer(
+        client: String, key: IdempotencyKey, batch: BatchRequest, keyWait: Int? = nil
+    ) async throws -> KeyedAnswer {
         try await mappingErrors {
             var items = "["
             items.reserveCapacity(batch.transfers.count * 96)
@@ -121,13 +174,14 @@ public struct LedgerStore: Sendable {
             items += "]"
             let binds: [PostgresBind] = [
                 .string(client), .string(key.value), .string(batch.fingerprintText), .bool(batch.atomic), .json(items),
-                .int32(Int32(clamping: options.keyWaitMilliseconds)),
+                .int32(Int32(clamping: keyWait ?? options.keyWaitMilliseconds)),
             ]
             let rows = try await retryingConflicts {
                 try await pool.query(
-                    "SELECT outcome, status_code, response_body FROM ledger.post_batch($1, $2, $3, $4, $5, $6)", binds)
+                    "SELECT outcome, status_code, response_body, \(TransferExecutor.ageColumn) FROM ledger.post_batch($1, $2, $3, $4, $5, $6)",
+                    binds)
             }
-            return try TransferExecutor.outcome(of: rows.rows[0])!
+            return try TransferExecutor.answer(of: rows.rows[0])!
         }
     }
 
@@ -335,6 +389,10 @@ extension LedgerStore {
             return total
         }
     }
+}
+
+extension Int64 {
+    var clampedToInt: Int { Int(clamping: self) }
 }
 
 /// The cursor key, once read: a class, so that every copy of a store shares what one of them read.

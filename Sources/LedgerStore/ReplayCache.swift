@@ -22,6 +22,9 @@ final class ReplayCache: Sendable {
     private struct Entry {
         let fingerprint: SHA256Digest
         let body: String
+        /// When the database stored the answer (its `created_at`, on this process's clock), for `Idempotency-TTL`;
+        /// nil when it answered from what a purged key made.
+        let storedAt: ContinuousClock.Instant?
     }
 
     /// Heap headers, allocator rounding and the dictionary's slot of one entry, beyond its strings' bytes.
@@ -42,13 +45,23 @@ final class ReplayCache: Sendable {
 
     /// The answer to (client, key, fingerprint) if the key completed with a 201 known here: its replay, or reused.
     func outcome(client: String, key: String, fingerprint: String) -> LedgerStore.PostOutcome? {
+        answer(client: client, key: key, fingerprint: fingerprint)?.outcome
+    }
+
+    /// The same, with when its answer was stored (remembered from the database's answer), so that its
+    /// `Idempotency-TTL` is what the database would give.
+    func answer(client: String, key: String, fingerprint: String) -> LedgerStore.KeyedAnswer? {
         guard let entry = state.withLock({ $0.entries[Key(client: client, key: key)] }) else { return nil }
         return entry.fingerprint == SHA256.hash(data: Array(fingerprint.utf8))
-            ? .replayed(status: 201, body: entry.body) : .reused
+            ? LedgerStore.KeyedAnswer(outcome: .replayed(status: 201, body: entry.body), storedAt: entry.storedAt)
+            : LedgerStore.KeyedAnswer(outcome: .reused, storedAt: nil)
     }
 
     /// Keeps a 201, executed or replayed; ignores every other outcome.
-    func remember(client: String, key: String, fingerprint: String, outcome: LedgerStore.PostOutcome) {
+    func remember(
+        client: String, key: String, fingerprint: String, outcome: LedgerStore.PostOutcome,
+        storedAt: ContinuousClock.Instant? = nil
+    ) {
         let body: String
         switch outcome {
         case .executed(201, let text), .replayed(201, let text): body = text
@@ -63,7 +76,7 @@ final class ReplayCache: Sendable {
                 state.bytes = 0
             }
             let previous = state.entries.updateValue(
-                Entry(fingerprint: digest, body: body), forKey: Key(client: client, key: key))
+                Entry(fingerprint: digest, body: body, storedAt: storedAt), forKey: Key(client: client, key: key))
             if previous == nil { state.bytes += cost }
         }
     }

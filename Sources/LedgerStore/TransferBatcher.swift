@@ -15,7 +15,7 @@ final class TransferBatcher: Sendable {
         let client: String
         let key: IdempotencyKey
         let request: TransferRequest
-        let continuation: CheckedContinuation<LedgerStore.PostOutcome, any Error>
+        let continuation: CheckedContinuation<LedgerStore.KeyedAnswer, any Error>
     }
 
     private struct State {
@@ -35,7 +35,7 @@ final class TransferBatcher: Sendable {
         self.driversMax = driversMax
     }
 
-    func submit(client: String, key: IdempotencyKey, request: TransferRequest) async throws -> LedgerStore.PostOutcome {
+    func submit(client: String, key: IdempotencyKey, request: TransferRequest) async throws -> LedgerStore.KeyedAnswer {
         try await withCheckedThrowingContinuation { continuation in
             let startDriver = state.withLock { state -> Bool in
                 state.queue.append(Pending(client: client, key: key, request: request, continuation: continuation))
@@ -73,7 +73,7 @@ final class TransferBatcher: Sendable {
             await runAlone(batch[0])
             return
         }
-        let outcomes: [LedgerStore.PostOutcome?]
+        let outcomes: [LedgerStore.KeyedAnswer?]
         do {
             outcomes = try await executor.postTogether(client: batch[0].client, items: batch.map { ($0.key, $0.request) })
         } catch let error as PostgresError where error.isConnectionError {

@@ -14,26 +14,29 @@ struct TransferExecutor: Sendable {
     let conflictRetriesMax: Int
     let logger: Logger
 
-    /// One request in a transaction of its own.
-    func postAlone(client: String, key: IdempotencyKey, request: TransferRequest) async throws -> LedgerStore.PostOutcome {
+    /// One request in a transaction of its own, waiting at most `keyWait` ms (default `keyWaitMilliseconds`) for
+    /// another execution of its key.
+    func postAlone(
+        client: String, key: IdempotencyKey, request: TransferRequest, keyWait: Int? = nil
+    ) async throws -> LedgerStore.KeyedAnswer {
         let binds: [PostgresBind] = [
             .string(client), .string(key.value), .string(request.fingerprintText),
             request.from.map { .string($0) } ?? .null, request.to.map { .string($0) } ?? .null,
             .int64(request.amount), .string(request.currency), .json(request.metadataJSON),
-            request.ifMatch.map { .int64($0) } ?? .null, .int32(Int32(clamping: keyWaitMilliseconds)),
+            request.ifMatch.map { .int64($0) } ?? .null, .int32(Int32(clamping: keyWait ?? keyWaitMilliseconds)),
         ]
         let rows = try await retryingConflicts {
             try await pool.query(
-                "SELECT outcome, status_code, response_body FROM ledger.post_transfer($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                "SELECT outcome, status_code, response_body, \(Self.ageColumn) FROM ledger.post_transfer($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 binds)
         }
-        return try Self.outcome(of: rows.rows[0])!
+        return try Self.answer(of: rows.rows[0])!
     }
 
     /// Several requests of one client in one transaction; nil for a request whose key was busy (not run).
     func postTogether(
         client: String, items: [(IdempotencyKey, TransferRequest)]
-    ) async throws -> [LedgerStore.PostOutcome?] {
+    ) async throws -> [LedgerStore.KeyedAnswer?] {
         var json = "["
         for (index, (key, request)) in items.enumerated() {
             if index > 0 { json += "," }
@@ -44,13 +47,13 @@ struct TransferExecutor: Sendable {
         json += "]"
         let rows = try await retryingConflicts {
             try await pool.query(
-                "SELECT item, outcome, status_code, response_body FROM ledger.post_transfers($1, $2)",
+                "SELECT item, outcome, status_code, response_body, \(Self.ageColumn) FROM ledger.post_transfers($1, $2)",
                 [.string(client), .json(json)])
         }
         guard rows.rows.count == items.count else {
             throw PostgresError(code: .decoding, message: "ledger.post_transfers answered \(rows.rows.count) of \(items.count)")
         }
-        return try rows.rows.map(Self.outcome(of:))
+        return try rows.rows.map(Self.answer(of:))
     }
 
     /// `"from":...,"to":...,"amount":...,"currency":...,"metadata":...`: what the SQL functions read of a request.
@@ -59,6 +62,19 @@ struct TransferExecutor: Sendable {
         json += ",\"amount\":\(request.amount),\"currency\":\(JSONValue.quoted(request.currency))"
         json += ",\"metadata\":\(request.metadataJSON)"
         if let version = request.ifMatch { json += ",\"if_match\":\(version)" }
+    }
+
+    /// The age of the answered stored outcome, in ms, measured by the database's clock within the same statement
+    /// (NULL when the answer is not a stored row); every keyed function returns `created_at`.
+    static let ageColumn = "(extract(epoch FROM now() - created_at) * 1000)::bigint AS age_ms"
+
+    /// The answer a row names (with `age_ms`, see `ageColumn`); nil for `busy`.
+    static func answer(of row: PostgresRow) throws -> LedgerStore.KeyedAnswer? {
+        guard let outcome = try outcome(of: row) else { return nil }
+        let storedAt = try row.decodeIfPresent(Int64.self, "age_ms").map {
+            ContinuousClock.now - .milliseconds(max(0, $0))
+        }
+        return LedgerStore.KeyedAnswer(outcome: outcome, storedAt: storedAt)
     }
 
     /// The outcome a row of post_transfer, post_transfers or post_batch names; nil for `busy`.

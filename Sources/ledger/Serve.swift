@@ -102,6 +102,8 @@ extension LedgerCommand {
             )
             let retryAfter = try Environment.int(
                 "LEDGER_RETRY_AFTER_S", flag: retryAfterSeconds, default: 1, range: 0...3_600)
+            // One retention for the purge, Idempotency-TTL and the expires_at of GET /v1/idempotency-keys/{key}.
+            let retentionOptions = try retention.options(purgeIntervalSeconds: purgeIntervalSeconds)
             let storeOptions = LedgerStore.Options(
                 keyWaitMilliseconds: try Environment.int(
                     "LEDGER_KEY_WAIT_MS", flag: keyWaitMilliseconds, default: 5_000, range: 1...600_000),
@@ -112,7 +114,8 @@ extension LedgerCommand {
                     "LEDGER_BATCH_CONCURRENCY_MAX", flag: batchConcurrencyMax, default: 2, range: 1...1_000),
                 replayCacheBytesMax: try Environment.int(
                     "LEDGER_REPLAY_CACHE_BYTES_MAX", flag: replayCacheBytesMax, default: 8 << 20, range: 0...(1 << 30)),
-                retryAfterSeconds: retryAfter)
+                retryAfterSeconds: retryAfter,
+                retentionSeconds: Int(retentionOptions.retention.components.seconds))
             let configuration = ServeConfiguration(
                 hostname: hostname ?? Environment.string("HOST") ?? "127.0.0.1",
                 port: try Environment.int("PORT", flag: port, default: 8080, range: 0...65_535),
@@ -134,7 +137,7 @@ extension LedgerCommand {
             let store = LedgerStore(
                 pool: PostgresPool(configuration: postgres, logger: logger), options: storeOptions, logger: logger)
             let purge = PurgeService(
-                store: store, options: try retention.options(purgeIntervalSeconds: purgeIntervalSeconds), logger: logger)
+                store: store, options: retentionOptions, logger: logger)
             let sweep = HoldSweepService(
                 store: store,
                 interval: .milliseconds(

@@ -80,7 +80,7 @@ struct TransferBatcherTests {
         try await store.pool.query(
             """
             CREATE FUNCTION ledger.post_transfers(p_client text, p_items jsonb)
-            RETURNS TABLE (item integer, outcome text, status_code integer, response_body text)
+            RETURNS TABLE (item integer, outcome text, status_code integer, response_body text, created_at timestamptz)
             LANGUAGE plpgsql AS $$
             BEGIN
                 IF jsonb_array_length(p_items) > 1 THEN
