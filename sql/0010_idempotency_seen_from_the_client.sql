@@ -379,7 +379,7 @@ BEGIN
         RETURN;
     END IF;
     v_hold := v_locked.hold;
-    PERFORM ledger.release_holds(p_client, ARRAY[v_hold.id], 'release');
+    PERFORM ledger.release_holds(p_client, ARRAY[v_hold.id]);
     UPDATE ledger.holds h SET status = 'voided', finished_key = p_key, finished_sha256 = v_sha
     WHERE h.client_id = p_client AND h.id = v_hold.id
     RETURNING * INTO v_hold;
