@@ -7,7 +7,8 @@
 - Its problem codes are exactly those of the sources, each under its own status.
 - GET /openapi.yaml serves the file byte for byte.
 - Deterministic requests reach every documented status of every operation (except 500) and each answer is
-  validated against the document: status, media type, body schema, required headers.
+  validated against the document: status, media type, body schema, required headers, and no header of the
+  idempotency protocol (`Idempotent-Replayed`, `Idempotency-TTL`, `Preference-Applied`) where it is undocumented.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.parse
 
 import pytest
 import requests
@@ -98,6 +100,10 @@ def validate_value(schema: dict, value, what: str) -> None:
     ) + f"\nvalue: {value!r}"
 
 
+# Headers the service sends on some answers only: each must be documented on every response that carries it.
+PROTOCOL_HEADERS = ("Idempotent-Replayed", "Idempotency-TTL", "Preference-Applied")
+
+
 def check_against(spec: dict, response: requests.Response, what: str):
     """Validates media type, body and headers of `response` against a response object; returns the parsed body."""
     spec = resolve(spec)
@@ -118,6 +124,9 @@ def check_against(spec: dict, response: requests.Response, what: str):
             body = response.content.decode("utf-8")
         if media_type is not None:
             validate_value(content[media_type]["schema"], body, f"{what} body")
+    for name in PROTOCOL_HEADERS:
+        if name in response.headers:
+            assert name in spec.get("headers", {}), f"{what}: header {name} is sent but not documented"
     for name, header in spec.get("headers", {}).items():
         header = resolve(header)
         value = response.headers.get(name)
@@ -260,9 +269,10 @@ def accounts(api):
     ]:
         assert api.request("PUT", f"/v1/accounts/{name}", body=body).status_code in (200, 201)
     seed = {"account": "alice", "amount": 100000, "currency": "USD"}
-    response = api.request("POST", "/v1/credits", key=uid("seed-"), body=seed)
+    key = uid("seed-")
+    response = api.request("POST", "/v1/credits", key=key, body=seed)
     assert response.status_code == 201, response.text
-    return {"transfer_id": response.json()["id"], "hold_id": place_hold(api)["id"]}
+    return {"transfer_id": response.json()["id"], "hold_id": place_hold(api)["id"], "key": key}
 
 
 def place_hold(api, **fields) -> dict:
@@ -274,6 +284,8 @@ def place_hold(api, **fields) -> dict:
 
 
 def concrete(path: str, accounts) -> str:
+    if path.startswith("/v1/idempotency-keys/"):
+        return path.replace("{key}", urllib.parse.quote(accounts["key"], safe=""))
     if path.startswith("/v1/transfers/"):
         return path.replace("{id}", accounts["transfer_id"])
     if path.startswith("/v1/holds/"):
@@ -651,7 +663,8 @@ def test_database_unavailable(tokens):
         for method, path in sorted(ROUTES):
             if path.startswith("/v1/"):
                 body = POST_BODIES.get(path) or ({"currency": "USD"} if method == "PUT" else None)
-                response = api.request(method, path.replace("{id}", "1"), body=body, key=uid())
+                target = path.replace("{id}", "1").replace("{key}", "k")
+                response = api.request(method, target, body=body, key=uid())
                 assert problem_code(response) == "database-unavailable", (method, path, response.text)
                 check(method, path, response)
         check("GET", "/metrics", requests.get(srv.base + "/metrics", timeout=TIMEOUT))
@@ -937,3 +950,121 @@ def test_conditional_requests(api, accounts):
         current = api.request("POST", path, key=uid(), body=body, headers={"If-Match": f'"{version}"'})
         assert current.status_code == 201, (path, current.text)
         check("POST", path, current)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The live service: idempotency seen from the client
+
+
+KEYED_POSTS = sorted(POST_BODIES)
+
+
+def keyed_target(api, accounts, path: str) -> str:
+    """A concrete path of a keyed POST; captures and voids get a pending hold of their own."""
+    if path.startswith("/v1/holds/"):
+        return path.replace("{id}", place_hold(api)["id"])
+    return concrete(path, accounts)
+
+
+def key_path(key: str) -> str:
+    return "/v1/idempotency-keys/" + urllib.parse.quote(key, safe="")
+
+
+@pytest.mark.parametrize("path", KEYED_POSTS)
+def test_idempotency_ttl_and_preference_applied_on_every_keyed_post(api, accounts, path):
+    key = uid("ttl-")
+    target = keyed_target(api, accounts, path)
+    prefer = {"Prefer": "wait=2"}
+    first = api.request("POST", target, key=key, body=POST_BODIES[path], headers=prefer)
+    assert first.status_code in (200, 201), first.text
+    check("POST", path, first)
+    assert first.headers["Idempotency-TTL"].isdigit() and first.headers["Preference-Applied"] == "wait=2"
+    replay = api.request("POST", target, key=key, body=POST_BODIES[path])
+    check("POST", path, replay)
+    assert replay.headers["Idempotent-Replayed"] == "true" and replay.headers["Idempotency-TTL"].isdigit()
+    assert "Preference-Applied" not in replay.headers
+    # Not stored: no Idempotency-TTL, but Preference-Applied on whatever is answered.
+    body = json.dumps(POST_BODIES[path]).encode()
+    for headers, key_sent, data, status in [
+        (prefer, None, body, 400),
+        (dict(prefer, **{"Content-Type": "text/plain"}), uid(), body, 415),
+        (prefer, accounts["key"], body, 422),  # the key of another request: reused
+    ]:
+        response = api.request("POST", target, key=key_sent, raw=data, headers=headers)
+        assert response.status_code == status, (status, response.text)
+        assert "Idempotency-TTL" not in response.headers and response.headers["Preference-Applied"] == "wait=2"
+        check("POST", path, response)
+    # A malformed preference is ignored: no Preference-Applied.
+    ignored = api.request("POST", target, key=key, body=POST_BODIES[path], headers={"Prefer": "wait=soon"})
+    assert ignored.status_code == first.status_code and "Preference-Applied" not in ignored.headers
+    check("POST", path, ignored)
+
+
+def test_stored_problems_carry_idempotency_ttl(api, accounts):
+    cases = [
+        ("/v1/credits", "/v1/credits", {"account": "nobody-here", "amount": 1, "currency": "USD"}, None, 404),
+        ("/v1/debits", "/v1/debits", {"account": "bob", "amount": AMOUNT_MAX, "currency": "USD"}, None, 422),
+        ("/v1/debits", "/v1/debits", {"account": "bob", "amount": 1, "currency": "USD"}, '"999"', 412),
+        ("/v1/holds/999999999999/void", "/v1/holds/{id}/void", {}, None, 404),
+        ("/v1/transfers/999999999999/reversals", "/v1/transfers/{id}/reversals", {}, None, 404),
+    ]
+    for target, template, body, if_match, status in cases:
+        headers = {"Prefer": "wait=1", **({"If-Match": if_match} if if_match else {})}
+        key = uid("stored-ttl-")
+        for _ in range(2):
+            response = api.request("POST", target, key=key, body=body, headers=headers)
+            assert response.status_code == status, response.text
+            assert response.headers["Idempotency-TTL"].isdigit() and response.headers["Preference-Applied"] == "wait=1"
+            check("POST", template, response)
+
+
+def test_in_progress_answers_at_once_with_prefer_wait_0(api, accounts, database):
+    key = uid("busy-")
+    with lt.holding_key_lock(database, "openapi-a", key):
+        response = api.request("POST", "/v1/credits", key=key, body=POST_BODIES["/v1/credits"],
+                               headers={"Prefer": "wait=0"})
+        assert problem_code(response) == "idempotency-key-in-progress", response.text
+        assert response.headers["Preference-Applied"] == "wait=0" and "Idempotency-TTL" not in response.headers
+        check("POST", "/v1/credits", response)
+        state = api.request("GET", key_path(key))
+        assert check("GET", "/v1/idempotency-keys/{key}", state)["state"] == "in_progress"
+
+
+def test_get_idempotency_key(api, accounts, tokens, server, database):
+    template = "/v1/idempotency-keys/{key}"
+    # Completed: a transfer, and a stored failure; a key with a space and a slash, sent as an sf-string.
+    key = "order 42/" + uid()
+    credit = api.request("POST", "/v1/credits", key=f'"{key}"', body=POST_BODIES["/v1/credits"])
+    assert credit.status_code == 201, credit.text
+    state = check("GET", template, api.request("GET", key_path(key)))
+    assert state["key"] == key and state["state"] == "completed" and state["transfer_id"] == credit.json()["id"]
+    assert (state["method"], state["path"], state["status"]) == ("POST", "/v1/credits", 201)
+    failed_key = uid("failed-")
+    failed = api.request("POST", "/v1/debits", key=failed_key, body={"account": "bob", "amount": AMOUNT_MAX, "currency": "USD"})
+    assert problem_code(failed) == "insufficient-funds"
+    state = check("GET", template, api.request("GET", key_path(failed_key)))
+    assert (state["state"], state["status"], state["transfer_id"]) == ("completed", 422, None)
+    # Consumed: the stored outcome purged, the transfer made. A purged failure is not found.
+    lt.psql(database, f"DELETE FROM ledger.idempotency_keys WHERE client_id = 'openapi-a' "
+                      f"AND key IN ({lt.sql_literal(key)}, {lt.sql_literal(failed_key)})")
+    state = check("GET", template, api.request("GET", key_path(key)))
+    assert state == {"key": key, "state": "consumed", "method": None, "path": None, "status": None,
+                     "created_at": None, "expires_at": None, "transfer_id": credit.json()["id"]}
+    for path, code in [
+        (key_path(failed_key), "idempotency-key-not-found"),
+        (key_path(uid("never-")), "idempotency-key-not-found"),
+        ("/v1/idempotency-keys/" + "x" * 256, "idempotency-key-invalid"),
+        ("/v1/idempotency-keys/a%01b", "idempotency-key-invalid"),
+        ("/v1/idempotency-keys/%C3%A9", "idempotency-key-invalid"),
+        ("/v1/idempotency-keys/%FF", "idempotency-key-invalid"),
+    ]:
+        response = api.request("GET", path)
+        assert problem_code(response) == code, (path, response.text)
+        check("GET", template, response)
+    # Another client's key.
+    other = Api(server.base, tokens["b"]).request("GET", key_path(accounts["key"]))
+    assert problem_code(other) == "idempotency-key-not-found"
+    check("GET", template, other)
+    # Reading a key sends none of the POSTs' headers.
+    read = api.request("GET", key_path(accounts["key"]), headers={"Prefer": "wait=1"})
+    assert not set(PROTOCOL_HEADERS) & set(read.headers), read.headers
