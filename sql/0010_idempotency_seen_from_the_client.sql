@@ -33,13 +33,30 @@ BEGIN
 END;
 $$;
 
+-- The advisory lock id of an idempotency key, under a secret of the service. It was hashtextextended(client || ' '
+-- || key): one 64-bit space for every client and an invertible hash, so one client could compute a key of its own
+-- that shares another client's lock (and stall it, or learn that it is executing). Under a secret nobody outside
+-- the database can aim at another's lock; collisions are left to chance (2^-64).
+INSERT INTO ledger.service_keys (name, key)
+SELECT 'key-lock', sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text || gen_random_uuid()::text, 'UTF8'))
+ON CONFLICT DO NOTHING;
+
+CREATE FUNCTION ledger.key_lock_id(p_client text, p_key text) RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$
+SELECT ('x' || encode(substr(sha256(k.key || convert_to(p_client, 'UTF8') || '\x00'::bytea || convert_to(p_key, 'UTF8')),
+                             1, 8), 'hex'))::bit(64)::bigint
+FROM ledger.service_keys k WHERE k.name = 'key-lock'
+$$;
+COMMENT ON FUNCTION ledger.key_lock_id(text, text) IS 'The transaction-scoped advisory lock id of one (client, idempotency key): the first 8 bytes of SHA-256 over the service''s key-lock secret, the client and the key. Every execution of the key takes it (ledger.lock_key, or tried by ledger.post_transfers); the key lookup tries it to tell in_progress.';
+
 CREATE OR REPLACE FUNCTION ledger.lock_key(p_client text, p_key text, p_wait_ms integer) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
     IF p_wait_ms IS NULL OR p_wait_ms < 0 THEN
         RAISE EXCEPTION 'key wait % ms is not >= 0', p_wait_ms USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF pg_try_advisory_xact_lock(hashtextextended(p_client || ' ' || p_key, 0)) THEN
+    IF pg_try_advisory_xact_lock(ledger.key_lock_id(p_client, p_key)) THEN
         RETURN true;
     END IF;
     IF p_wait_ms = 0 THEN
@@ -47,7 +64,7 @@ BEGIN
     END IF;
     PERFORM set_config('lock_timeout', p_wait_ms::text || 'ms', true);
     BEGIN
-        PERFORM pg_advisory_xact_lock(hashtextextended(p_client || ' ' || p_key, 0));
+        PERFORM pg_advisory_xact_lock(ledger.key_lock_id(p_client, p_key));
     EXCEPTION WHEN lock_not_available THEN
         RETURN false;
     END;
@@ -207,7 +224,7 @@ BEGIN
 
     -- 1. Try the locks of the keys not completed yet (completed keys are answered without one), in a fixed order.
     FOR v_lock IN
-        SELECT DISTINCT k.key, hashtextextended(p_client || ' ' || k.key, 0) AS lock_key
+        SELECT DISTINCT k.key, ledger.key_lock_id(p_client, k.key) AS lock_key
         FROM unnest(v_keys) AS k(key)
         WHERE NOT EXISTS (SELECT 1 FROM ledger.idempotency_keys s WHERE s.client_id = p_client AND s.key = k.key)
         ORDER BY 2
@@ -551,7 +568,7 @@ BEGIN
     IF NOT FOUND THEN
         -- Held by a running execution: the lock ledger.lock_key takes. When the try succeeds it is released at the
         -- end of this (one-statement) transaction; read again under it, the execution may just have completed.
-        IF NOT pg_try_advisory_xact_lock(hashtextextended(p_client || ' ' || p_key, 0)) THEN
+        IF NOT pg_try_advisory_xact_lock(ledger.key_lock_id(p_client, p_key)) THEN
             RETURN QUERY SELECT 'in_progress', ledger.idempotency_key_json(p_key, 'in_progress', NULL, NULL, NULL,
                                                                            NULL, NULL, NULL);
             RETURN;

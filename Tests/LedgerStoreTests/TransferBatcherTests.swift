@@ -119,7 +119,7 @@ struct TransferBatcherTests {
             logger: TestDatabase.logger)
         defer { Task { await holder.close() } }
         let release = try await holder.withConnection { connection -> Task<Void, any Error> in
-            try await connection.query("SELECT pg_advisory_lock(hashtextextended('acme held', 0))")
+            try await connection.query("SELECT pg_advisory_lock(ledger.key_lock_id('acme', 'held'))")
             return Task {
                 try await Task.sleep(for: .milliseconds(800))
                 try await connection.query("SELECT pg_advisory_unlock_all()")

@@ -174,7 +174,7 @@ def holding_key_lock(dbname: str, client: str, key: str):
     if another execution of the key were in progress."""
     holder = PsqlSession(dbname)
     try:
-        holder.query_line(f"SELECT pg_advisory_lock(hashtextextended({sql_literal(client + ' ' + key)}, 0))")
+        holder.query_line(f"SELECT pg_advisory_lock(ledger.key_lock_id({sql_literal(client)}, {sql_literal(key)}))")
         yield holder
     finally:
         try:

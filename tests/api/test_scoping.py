@@ -91,3 +91,29 @@ def test_second_token_of_a_client_sees_the_same_data(main_db, server, clients):
     lt.assert_replay_of(first, api2.credit(account, 1, key=key))
     # The first token still works.
     assert api1.balance(account) == 43
+
+
+def test_key_locks_of_one_client_are_out_of_another_clients_reach(api_a, api_b, main_db, sql):
+    """The advisory lock of (client, key) is keyed by a secret of the service: it is not hashtextextended of the
+    client and the key (invertible: a client could compute a key of its own sharing another client's lock), and while
+    one client's execution of a key holds it, another client's request with the same key runs at once."""
+    key = lt.uid("lock-")
+    a, b = api_a.client, api_b.client
+    assert sql(f"SELECT ledger.key_lock_id({lt.sql_literal(a)}, {lt.sql_literal(key)}) "
+               f"<> hashtextextended({lt.sql_literal(a + ' ' + key)}, 0)") == "t"
+    assert sql(f"SELECT ledger.key_lock_id({lt.sql_literal(a)}, {lt.sql_literal(key)}) "
+               f"<> ledger.key_lock_id({lt.sql_literal(b)}, {lt.sql_literal(key)})") == "t"
+    account_a, account_b = api_a.new_account(), api_b.new_account()
+    with lt.holding_key_lock(main_db, a, key):
+        lt.assert_json(api_b.credit(account_b, 5, key=key), 201)
+        r = api_a.post("/v1/credits", {"account": account_a, "amount": 5, "currency": "USD"}, key=key,
+                       headers={"Prefer": "wait=0"})
+        lt.assert_problem(r, 409, "idempotency-key-in-progress")
+    lt.assert_json(api_a.credit(account_a, 5, key=key), 201)
+
+
+def test_key_lock_ids_change_with_the_secret(scratch_db):
+    lt.migrate(scratch_db)
+    before = lt.psql(scratch_db, "SELECT ledger.key_lock_id('c', 'k')")
+    lt.psql(scratch_db, "UPDATE ledger.service_keys SET key = sha256(key) WHERE name = 'key-lock'")
+    assert lt.psql(scratch_db, "SELECT ledger.key_lock_id('c', 'k')") != before
