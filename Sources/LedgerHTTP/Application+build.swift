@@ -1,5 +1,6 @@
 import Foundation
 import Hummingbird
+import HummingbirdCore
 import LedgerStore
 import Logging
 import Prometheus
@@ -48,9 +49,16 @@ public func buildApplication(
     metricsRegistry: PrometheusCollectorRegistry? = nil, logger: Logger
 ) throws -> some ApplicationProtocol {
     let api = LedgerAPI(store: store, options: configuration.http, metricsRegistry: metricsRegistry, logger: logger)
+    // Every connection is bounded: closed after `idleTimeout` without a byte (half-sent requests included), and
+    // no more than `connectionsMax` open at once.
     var app = Application(
         responder: api,
-        configuration: .init(address: .hostname(configuration.hostname, port: configuration.port), serverName: nil),
+        server: .http1(
+            configuration: .init(idleTimeout: .nanoseconds(Int64(configuration.http.idleTimeout.components.seconds) * 1_000_000_000
+                + configuration.http.idleTimeout.components.attoseconds / 1_000_000_000))),
+        configuration: .init(
+            address: .hostname(configuration.hostname, port: configuration.port), serverName: nil,
+            availableConnectionsDelegate: MaximumAvailableConnections(configuration.http.connectionsMax, logger: logger)),
         logger: logger
     )
     app.addServices(StoreClosingService(store: store))

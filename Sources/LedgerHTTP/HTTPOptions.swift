@@ -8,12 +8,21 @@ public struct HTTPOptions: Sendable {
     public var retryAfterSeconds: Int
     /// How long a known token stays cached in memory. Default 30 s.
     public var authCacheTTL: Duration
+    /// A connection that sends nothing for this long is closed: one that stopped mid-headers or mid-body, or an idle
+    /// keep-alive connection between requests (a request being answered is never cut). Default 15 s.
+    public var idleTimeout: Duration
+    /// Open connections at most; beyond it the server stops accepting until one closes (the kernel's backlog holds
+    /// the rest). Default 4,096, below a typical `ulimit -n` of 1,048,576 and far below what exhausts memory.
+    public var connectionsMax: Int
 
     public init(
         bodyBytesMax: Int = 65_536, batchBodyBytesMax: Int = 1_048_576, retryAfterSeconds: Int = 1,
-        authCacheTTL: Duration = .seconds(30)
+        authCacheTTL: Duration = .seconds(30), idleTimeout: Duration = .seconds(15), connectionsMax: Int = 4_096
     ) {
         precondition(bodyBytesMax >= 1 && batchBodyBytesMax >= 1, "body limits must be positive")
+        precondition(idleTimeout > .zero && connectionsMax >= 1, "connection limits must be positive")
+        self.idleTimeout = idleTimeout
+        self.connectionsMax = connectionsMax
         self.bodyBytesMax = bodyBytesMax
         self.batchBodyBytesMax = batchBodyBytesMax
         self.retryAfterSeconds = retryAfterSeconds

@@ -80,6 +80,12 @@ extension LedgerCommand {
         @Option(name: .customLong("purge-interval-s"), help: "Seconds between background purges of stored responses past their retention (env: LEDGER_PURGE_INTERVAL_S; default: 60).")
         var purgeIntervalSeconds: Int?
 
+        @Option(name: .customLong("idle-timeout-s"), help: "Seconds a connection may send nothing before it is closed: mid-headers, mid-body or idle between requests (env: LEDGER_IDLE_TIMEOUT_S; default: 15).")
+        var idleTimeoutSeconds: Int?
+
+        @Option(name: .customLong("connections-max"), help: "Open client connections at most; beyond it new ones wait in the kernel's backlog (env: LEDGER_CONNECTIONS_MAX; default: 4096).")
+        var connectionsMax: Int?
+
         @Option(name: .customLong("hold-sweep-interval-ms"), help: "Milliseconds between sweeps that record holds past their expires_at as expired (env: LEDGER_HOLD_SWEEP_INTERVAL_MS; default: 1000).")
         var holdSweepIntervalMilliseconds: Int?
 
@@ -127,7 +133,11 @@ extension LedgerCommand {
                     retryAfterSeconds: retryAfter,
                     authCacheTTL: .milliseconds(
                         try Environment.int(
-                            "LEDGER_AUTH_CACHE_TTL_MS", flag: authCacheTTLMilliseconds, default: 30_000, range: 0...3_600_000))),
+                            "LEDGER_AUTH_CACHE_TTL_MS", flag: authCacheTTLMilliseconds, default: 30_000, range: 0...3_600_000)),
+                    idleTimeout: .seconds(
+                        try Environment.int("LEDGER_IDLE_TIMEOUT_S", flag: idleTimeoutSeconds, default: 15, range: 1...3_600)),
+                    connectionsMax: try Environment.int(
+                        "LEDGER_CONNECTIONS_MAX", flag: connectionsMax, default: 4_096, range: 1...1_000_000)),
                 migrateAtStart: !(noMigrate || Environment.bool("LEDGER_NO_MIGRATE")),
                 migrationsDirectory: sqlDirectory ?? Environment.string("LEDGER_SQL_DIR")
             )
