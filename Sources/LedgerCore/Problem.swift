@@ -127,6 +127,12 @@ extension Problem {
             detail: "The database could not be reached or did not answer in time; nothing was written. Retry later.",
             retryAfterSeconds: retryAfterSeconds)
     }
+    public static let malformedBody = Problem(
+        status: 400, code: "malformed-request", title: "Malformed request",
+        detail: "The request's body framing is malformed or the body ended early.")
+    public static let transferCodingNotImplemented = Problem(
+        status: 501, code: "transfer-coding-not-implemented", title: "Transfer-coding not implemented",
+        detail: "Only chunked framing is supported for request bodies.")
     public static let internalError = Problem(
         status: 500, code: "internal", title: "Internal error", detail: "An unexpected error occurred.")
 }

@@ -2,6 +2,7 @@ import Foundation
 import HTTPTypes
 import Hummingbird
 import NIOCore
+import NIOHTTP1
 import LedgerCore
 import LedgerStore
 import Logging
@@ -105,10 +106,21 @@ public struct LedgerAPI: HTTPResponder {
         if let declared = request.headers[.contentLength].flatMap({ Int($0) }), declared > limit {
             throw Problem.bodyTooLarge(limitBytes: limit)
         }
+        // Only chunked framing is understood: a body in any other transfer-coding (gzip, ...) cannot be read.
+        for coding in request.headers[values: .transferEncoding].flatMap({ $0.split(separator: ",") })
+        where coding.trimmingOWS.lowercased() != "chunked" {
+            throw Problem.transferCodingNotImplemented
+        }
         var bytes: [UInt8] = []
-        for try await buffer in request.body {
-            guard bytes.count + buffer.readableBytes <= limit else { throw Problem.bodyTooLarge(limitBytes: limit) }
-            bytes.append(contentsOf: buffer.readableBytesView)
+        do {
+            for try await buffer in request.body {
+                guard bytes.count + buffer.readableBytes <= limit else { throw Problem.bodyTooLarge(limitBytes: limit) }
+                bytes.append(contentsOf: buffer.readableBytesView)
+            }
+        } catch is HTTPParserError {
+            // Malformed chunked framing, or a body cut short: the client's error, not ours (the parser closes the
+            // connection after this answer).
+            throw Problem.malformedBody
         }
         return bytes
     }

@@ -47,6 +47,7 @@ extension HTTPResponse.Status {
         case 415: return .unsupportedMediaType
         case 422: return .unprocessableContent
         case 500: return .internalServerError
+        case 501: return .notImplemented
         case 503: return .serviceUnavailable
         default: return HTTPResponse.Status(code: code)
         }

@@ -68,3 +68,49 @@ def test_connections_beyond_the_cap_wait_until_one_closes(start_server):
             assert time.monotonic() < deadline, "no connection was served after one of the 3 closed"
     for s in held:
         s.close()
+
+
+def raw_exchange(port: int, data: bytes, wait: float = 3.0) -> tuple[bytes, bool]:
+    """Sends `data`, reads until the server closes or goes quiet for `wait` s: (bytes read, closed by the server)."""
+    s = open_socket(port, data)
+    s.settimeout(wait)
+    out = b""
+    try:
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                return out, True
+            out += chunk
+    except socket.timeout:
+        return out, False
+    finally:
+        s.close()
+
+
+def status_and_code(answer: bytes) -> tuple[int, str | None]:
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    try:
+        return status, __import__("json").loads(rest.decode()).get("code")
+    except ValueError:
+        return status, None
+
+
+def test_malformed_chunked_framing_is_a_client_error(server, api_a):
+    """Not 500 internal: bad chunk sizes are 400, on authenticated routes and on /health alike."""
+    token = api_a.token
+    for path, auth in (("/health", b""), ("/v1/credits", f"Authorization: Bearer {token}\r\n".encode())):
+        answer, _ = raw_exchange(server.port, b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + auth
+                                 + b"Idempotency-Key: k-" + lt.uid().encode()
+                                 + b"\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n")
+        assert answer, f"no answer to malformed chunked framing on {path}"
+        status, code = status_and_code(answer)
+        assert status == 400 and code == "malformed-request", answer[:300]
+
+
+def test_an_unknown_transfer_coding_is_501(server, api_a):
+    answer, _ = raw_exchange(server.port, b"POST /v1/credits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                             + api_a.token.encode() + b"\r\nIdempotency-Key: k-" + lt.uid().encode()
+                             + b"\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n")
+    status, code = status_and_code(answer)
+    assert status == 501 and code == "transfer-coding-not-implemented", answer[:300]
