@@ -1,6 +1,7 @@
 import CLibPQ
 import Foundation
 import NIOPosix
+import Synchronization
 
 /// One libpq connection.
 ///
@@ -16,13 +17,27 @@ import NIOPosix
 public final class PostgresConnection: @unchecked Sendable {
     private var handle: OpaquePointer?
     private let threadPool: NIOThreadPool
+    /// What cancelling the running statement needs (libpq's `PGcancel`, made once at connect), and which statement
+    /// runs now: a cancellation reaches the server only while the statement that asked for it is still running.
+    private let canceller: Mutex<Canceller>
+
+    struct Canceller: @unchecked Sendable {
+        var cancel: OpaquePointer?
+        var running: UInt64 = 0
+        var next: UInt64 = 0
+    }
 
     init(handle: OpaquePointer, threadPool: NIOThreadPool) {
         self.handle = handle
         self.threadPool = threadPool
+        self.canceller = Mutex(Canceller(cancel: PQgetCancel(handle)))
     }
 
     deinit {
+        canceller.withLock { state in
+            if let cancel = state.cancel { PQfreeCancel(cancel) }
+            state.cancel = nil
+        }
         if let handle { PQfinish(handle) }
     }
 
@@ -40,8 +55,40 @@ public final class PostgresConnection: @unchecked Sendable {
 
     /// Runs one parameterised statement (`$1`, `$2`, ...) and returns its rows.
     @discardableResult
+    ///
+    /// When the calling task is cancelled (a shutdown past its grace, say), the statement is cancelled on the server
+    /// too (`PQcancel`), so that it ends now with 57014 instead of running on to its statement timeout.
     public func query(_ sql: String, _ binds: [PostgresBind] = []) async throws -> PostgresRows {
-        try await threadPool.runIfActive { try self.queryBlocking(sql, binds) }
+        let statement = canceller.withLock { state -> UInt64 in
+            state.next += 1
+            return state.next
+        }
+        return try await withTaskCancellationHandler {
+            try await threadPool.runIfActive {
+                self.canceller.withLock { $0.running = statement }
+                defer { self.canceller.withLock { $0.running = 0 } }
+                return try self.queryBlocking(sql, binds)
+            }
+        } onCancel: {
+            cancelStatement(statement)
+        }
+    }
+
+    /// Asks the server to cancel whatever statement runs now on this connection, if any (closing the pool).
+    public func cancelRunningStatement() {
+        let running = canceller.withLock { $0.running }
+        if running != 0 { cancelStatement(running) }
+    }
+
+    /// Asks the server to cancel `statement` if it is the one running now. PQcancel is thread-safe; it opens a short
+    /// connection of its own, so this blocks the cancelling thread for a round trip, which only happens on
+    /// cancellation.
+    private func cancelStatement(_ statement: UInt64) {
+        canceller.withLock { state in
+            guard state.running == statement, let cancel = state.cancel else { return }
+            var message = [CChar](repeating: 0, count: 256)
+            _ = PQcancel(cancel, &message, Int32(message.count))
+        }
     }
 
     /// Runs `body` in a transaction: BEGIN, then COMMIT, or ROLLBACK when `body` throws.
@@ -97,6 +144,10 @@ public final class PostgresConnection: @unchecked Sendable {
 
     /// Closes the connection now; later calls fail with `.connectionLost`.
     public func close() {
+        canceller.withLock { state in
+            if let cancel = state.cancel { PQfreeCancel(cancel) }
+            state.cancel = nil
+        }
         if let handle {
             PQfinish(handle)
             self.handle = nil

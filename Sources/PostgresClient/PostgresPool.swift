@@ -34,6 +34,8 @@ public final class PostgresPool: Sendable {
         var waiters: [Waiter] = []
         var nextWaiterID: UInt64 = 0
         var closed = false
+        /// Connections lent out now, so that closing the pool can cancel what they run.
+        var leased: [ObjectIdentifier: PostgresConnection] = [:]
     }
 
     /// A snapshot for metrics and tests.
@@ -62,6 +64,8 @@ public final class PostgresPool: Sendable {
         _ body: (PostgresConnection) async throws -> T
     ) async throws -> T {
         let connection = try await acquire()
+        state.withLock { $0.leased[ObjectIdentifier(connection)] = connection }
+        defer { state.withLock { _ = $0.leased.removeValue(forKey: ObjectIdentifier(connection)) } }
         do {
             let value = try await body(connection)
             release(connection)
@@ -85,21 +89,23 @@ public final class PostgresPool: Sendable {
         try await withConnection { try await $0.query(sql, binds) }
     }
 
-    /// Fails every waiter, closes idle connections, and closes leased ones when they come back.
+    /// Fails every waiter, closes idle connections, cancels what leased ones run (a shutdown past its grace must
+    /// not wait for a statement's timeout) and closes them when they come back.
     public func close() async {
-        let (idle, waiters) = state.withLock { state -> ([PostgresConnection], [Waiter]) in
+        let (idle, waiters, leased) = state.withLock { state -> ([PostgresConnection], [Waiter], [PostgresConnection]) in
             state.closed = true
             defer {
                 state.slotsUsed -= state.idle.count
                 state.idle = []
                 state.waiters = []
             }
-            return (state.idle, state.waiters)
+            return (state.idle, state.waiters, Array(state.leased.values))
         }
         for waiter in waiters {
             waiter.continuation.resume(throwing: PostgresError(code: .poolClosed, message: "the pool is closed"))
         }
         for connection in idle { connection.close() }
+        for connection in leased { connection.cancelRunningStatement() }
         try? await threadPool.shutdownGracefully()
     }
 

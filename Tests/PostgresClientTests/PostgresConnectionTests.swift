@@ -130,4 +130,24 @@ struct PostgresConnectionTests {
         let count = try await pool.query("SELECT count(*) AS n FROM s").rows[0].decode(Int64.self, "n")
         #expect(count == 0)
     }
+
+    @Test("cancelling the task cancels its statement on the server, and closing the pool cancels leased ones")
+    func cancellationReachesTheServer() async throws {
+        let pool = try await TestDatabase.pool(statementTimeoutMilliseconds: 60_000)
+        defer { Task { await pool.close() } }
+        let started = ContinuousClock.now
+        let sleeper = Task { try await pool.query("SELECT pg_sleep(30)") }
+        try await Task.sleep(for: .milliseconds(300))
+        sleeper.cancel()
+        let error = await #expect(throws: PostgresError.self) { try await sleeper.value }
+        #expect(error?.isQueryCanceled == true, "the server cancelled it (57014): \(String(describing: error))")
+        #expect(ContinuousClock.now - started < .seconds(5), "the statement ran on after its task was cancelled")
+
+        let closing = Task { try await pool.query("SELECT pg_sleep(30)") }
+        try await Task.sleep(for: .milliseconds(300))
+        let closedAt = ContinuousClock.now
+        await pool.close()
+        await #expect(throws: PostgresError.self) { try await closing.value }
+        #expect(ContinuousClock.now - closedAt < .seconds(5), "closing the pool waited for a leased statement")
+    }
 }

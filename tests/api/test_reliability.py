@@ -92,7 +92,10 @@ def test_in_flight_requests_are_cut_after_the_shutdown_grace(own_db, serve):
         started = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         server.proc.wait(timeout=15)
-        assert time.monotonic() - started < 10, "shutdown was not bounded by --shutdown-grace-s"
+        # Grace 1 s, then the in-flight statement is cancelled on the server (not left to its 10 s statement
+        # timeout): the process is gone well within 5 s.
+        took = time.monotonic() - started
+        assert took < 5, f"shutdown took {took:.1f} s with --shutdown-grace-s 1"
     thread.join(timeout=20)
 
 
