@@ -21,23 +21,30 @@ public final class PostgresConnection: @unchecked Sendable {
     /// runs now: a cancellation reaches the server only while the statement that asked for it is still running.
     private let canceller: Mutex<Canceller>
 
-    struct Canceller: @unchecked Sendable {
-        var cancel: OpaquePointer?
+    struct Canceller: Sendable {
+        var cancel: CancelHandle?
         var running: UInt64 = 0
         var next: UInt64 = 0
+    }
+
+    /// libpq's `PGcancel`, freed when the last user lets go: a cancellation sent from another thread keeps it alive
+    /// even if the connection closes meanwhile.
+    final class CancelHandle: @unchecked Sendable {
+        let pointer: OpaquePointer
+        init?(_ pointer: OpaquePointer?) {
+            guard let pointer else { return nil }
+            self.pointer = pointer
+        }
+        deinit { PQfreeCancel(pointer) }
     }
 
     init(handle: OpaquePointer, threadPool: NIOThreadPool) {
         self.handle = handle
         self.threadPool = threadPool
-        self.canceller = Mutex(Canceller(cancel: PQgetCancel(handle)))
+        self.canceller = Mutex(Canceller(cancel: CancelHandle(PQgetCancel(handle))))
     }
 
     deinit {
-        canceller.withLock { state in
-            if let cancel = state.cancel { PQfreeCancel(cancel) }
-            state.cancel = nil
-        }
         if let handle { PQfinish(handle) }
     }
 
@@ -80,14 +87,17 @@ public final class PostgresConnection: @unchecked Sendable {
         if running != 0 { cancelStatement(running) }
     }
 
-    /// Asks the server to cancel `statement` if it is the one running now. PQcancel is thread-safe; it opens a short
-    /// connection of its own, so this blocks the cancelling thread for a round trip, which only happens on
-    /// cancellation.
+    /// Asks the server to cancel `statement` if it is the one running now. PQcancel is thread-safe but opens a
+    /// connection of its own and waits for the server, which may be the very thing that hangs: it runs on a thread
+    /// of its own, never on the caller's (a cooperative or event-loop thread must not block).
     private func cancelStatement(_ statement: UInt64) {
-        canceller.withLock { state in
-            guard state.running == statement, let cancel = state.cancel else { return }
+        let handle = canceller.withLock { state -> CancelHandle? in
+            state.running == statement ? state.cancel : nil
+        }
+        guard let handle else { return }
+        Thread.detachNewThread {
             var message = [CChar](repeating: 0, count: 256)
-            _ = PQcancel(cancel, &message, Int32(message.count))
+            _ = PQcancel(handle.pointer, &message, Int32(message.count))
         }
     }
 
@@ -144,10 +154,7 @@ public final class PostgresConnection: @unchecked Sendable {
 
     /// Closes the connection now; later calls fail with `.connectionLost`.
     public func close() {
-        canceller.withLock { state in
-            if let cancel = state.cancel { PQfreeCancel(cancel) }
-            state.cancel = nil
-        }
+        canceller.withLock { $0.cancel = nil }
         if let handle {
             PQfinish(handle)
             self.handle = nil
