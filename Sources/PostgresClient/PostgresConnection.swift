@@ -183,10 +183,14 @@ extension PostgresConnection {
         let pairs: [(String, String)] = [
             ("connect_timeout", String(configuration.connectTimeoutSeconds)),
             ("application_name", configuration.applicationName),
+            // A server that stops answering (a frozen host, a partition dropping packets) leaves the socket open:
+            // keepalives notice it within ~11 s while we wait for an answer, and tcp_user_timeout within 10 s when
+            // what we sent is never acknowledged. The call then fails and the connection is dropped.
             ("keepalives", "1"),
-            ("keepalives_idle", "30"),
-            ("keepalives_interval", "10"),
+            ("keepalives_idle", "5"),
+            ("keepalives_interval", "2"),
             ("keepalives_count", "3"),
+            ("tcp_user_timeout", "10000"),
             ("dbname", configuration.conninfo),
         ]
         let keywords = pairs.map { strdup($0.0) }
