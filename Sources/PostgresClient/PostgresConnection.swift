@@ -18,8 +18,9 @@ import NIOPosix
 /// lands on whichever server connection ran it, is lost for our next transaction and leaks into another client's.
 /// So the bounds (`statement_timeout`, `idle_in_transaction_session_timeout`) and the UTC time zone are set per
 /// transaction with `set_config(..., true)`: a query or DML statement outside a transaction goes in one libpq
-/// pipeline behind that `set_config` (one implicit transaction, one round trip); `withTransaction` sends them with its BEGIN (one
-/// simple-protocol message). Only unnamed prepared statements are used (`PQexecParams`), which a pooler can carry.
+/// pipeline behind that `set_config` (one implicit transaction, one round trip); `withTransaction` sends them with
+/// its BEGIN (one simple-protocol message). Only unnamed prepared statements are used (`PQexecParams`, and
+/// `PQsendQueryParams` in the pipeline), which a pooler in transaction mode carries.
 public final class PostgresConnection: @unchecked Sendable {
     private var handle: OpaquePointer?
     private let threadPool: NIOThreadPool

@@ -258,7 +258,8 @@ class LedgerServer:
         self.log_path = Path(log_dir) / f"serve-{self.port}.log"
         cmd = [LEDGER_BIN, "serve"]
         if use_flags:
-            cmd += ["--hostname", "127.0.0.1", "--port", str(self.port), "--database-url", url or serve_conninfo(dbname)]
+            cmd += ["--hostname", "127.0.0.1", "--port", str(self.port),
+                    "--database-url", url or serve_conninfo(dbname)]
         cmd += list(extra_args)
         full_env = dict(os.environ)
         full_env.pop("DATABASE_URL", None)

@@ -320,7 +320,8 @@ def test_statement_timeout_of_one_process_stays_with_it(api_a, main_db, start_se
     key = lt.uid("noleak-")
     result = {}
     with lt.holding_account_lock(main_db, api_a.client, account):
-        waiter = threading.Thread(target=lambda: result.setdefault("r", api_a.clone().credit(account, 2, "XLK", key=key)))
+        waiter = threading.Thread(
+            target=lambda: result.setdefault("r", api_a.clone().credit(account, 2, "XLK", key=key)))
         waiter.start()
         lt.wait_for_lock_waiter(main_db)
         time.sleep(1.2)
