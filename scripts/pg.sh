@@ -17,7 +17,8 @@ system_python() {
   if [ -x /usr/bin/python3 ]; then echo /usr/bin/python3; else command -v python3; fi
 }
 
-# What building and testing need from Debian: the newest PostgreSQL 15 server and client, libpq-dev, pkg-config, and
+# What building and testing need from Debian: the newest PostgreSQL 15 server and client, pgbouncer (scripts/test's
+# pooler stage), libpq-dev, pkg-config, and
 # python3 with venv (scripts/test keeps its Python packages in a virtual environment: Debian's python3 is externally
 # managed). `ensure_debian_packages client` leaves out the server (tests against a PostgreSQL running elsewhere).
 #
@@ -26,11 +27,12 @@ system_python() {
 # apt-get line to run.
 ensure_debian_packages() {
   local wanted=(postgresql-client-15 libpq-dev pkg-config python3 python3-venv) todo=() pkg
-  [ "${1:-}" = client ] || wanted=(postgresql-15 "${wanted[@]}")
+  [ "${1:-}" = client ] || wanted=(postgresql-15 pgbouncer "${wanted[@]}")
   if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
     # Not Debian: check for the tools themselves.
     local missing=()
     [ "${1:-}" = client ] || pg_bin_dir >/dev/null 2>&1 || missing+=("PostgreSQL server")
+    [ "${1:-}" = client ] || command -v pgbouncer >/dev/null 2>&1 || missing+=(pgbouncer)
     command -v psql >/dev/null 2>&1 || missing+=(psql)
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
     pkg-config --exists libpq 2>/dev/null || missing+=("libpq headers")
@@ -117,4 +119,58 @@ pg_stop() {
   bin=$(pg_bin_dir) || return 0
   [ -f "$data/postmaster.pid" ] || return 0
   pg_as_owner "$bin/pg_ctl" -D "$data" -m "$mode" -w -t 60 stop >/dev/null 2>&1 || true
+}
+
+# pgbouncer_start DIR PORT PG_PORT: a pgbouncer in transaction pooling mode on 127.0.0.1:PORT in front of the
+# server on 127.0.0.1:PG_PORT, any database (`*`), trust auth, its config, log and pid file in DIR. It runs as the
+# server's user, like the server.
+pgbouncer_start() {
+  local dir="$1" port="$2" pg_port="$3" bin
+  bin=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
+  [ -x "$bin" ] || { echo "pgbouncer not found (Debian package pgbouncer)" >&2; return 1; }
+  mkdir -p "$dir"
+  echo '"postgres" ""' >"$dir/users.txt"
+  cat >"$dir/pgbouncer.ini" <<INI
+[databases]
+* = host=127.0.0.1 port=$pg_port
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = trust
+auth_file = $dir/users.txt
+pool_mode = transaction
+max_client_conn = 2000
+default_pool_size = 40
+reserve_pool_size = 10
+server_reset_query =
+ignore_startup_parameters = extra_float_digits,options
+logfile = $dir/pgbouncer.log
+pidfile = $dir/pgbouncer.pid
+INI
+  if [ "$(id -u)" -eq 0 ]; then chown -R postgres:postgres "$dir"; fi
+  pg_as_owner "$bin" -d -q "$dir/pgbouncer.ini" || return 1
+  local i
+  for i in $(seq 1 50); do
+    port_free 127.0.0.1 "$port" || return 0
+    sleep 0.1
+  done
+  echo "pgbouncer did not start listening on 127.0.0.1:$port; its log:" >&2
+  cat "$dir/pgbouncer.log" >&2 2>/dev/null
+  return 1
+}
+
+# pgbouncer_stop DIR: stops the pgbouncer of pgbouncer_start DIR, if it runs.
+pgbouncer_stop() {
+  local pidfile="$1/pgbouncer.pid" pid i
+  [ -f "$pidfile" ] || return 0
+  pid=$(cat "$pidfile" 2>/dev/null) || return 0
+  [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for i in $(seq 1 50); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
 }

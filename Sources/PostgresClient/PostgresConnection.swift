@@ -14,6 +14,14 @@ import Synchronization
 /// Why `@unchecked Sendable` is sound: a connection is used by one task at a time (the pool hands it out
 /// exclusively, and a lease holder awaits each call before making the next), so no two libpq calls on one `PGconn`
 /// ever overlap; the handle itself is only touched inside those calls.
+///
+/// Why no session state: behind a pooler in transaction mode (pgbouncer `pool_mode = transaction`) a session `SET`
+/// lands on whichever server connection ran it, is lost for our next transaction and leaks into another client's.
+/// So the bounds (`statement_timeout`, `idle_in_transaction_session_timeout`) and the UTC time zone are set per
+/// transaction with `set_config(..., true)`: a query or DML statement outside a transaction goes in one libpq
+/// pipeline behind that `set_config` (one implicit transaction, one round trip); `withTransaction` sends them with
+/// its BEGIN (one simple-protocol message). Only unnamed prepared statements are used (`PQexecParams`, and
+/// `PQsendQueryParams` in the pipeline), which a pooler in transaction mode carries.
 public final class PostgresConnection: @unchecked Sendable {
     private var handle: OpaquePointer?
     private let threadPool: NIOThreadPool
@@ -37,11 +45,22 @@ public final class PostgresConnection: @unchecked Sendable {
         }
         deinit { PQfreeCancel(pointer) }
     }
+    /// The statement that applies this process's bounds to the current transaction only.
+    let localSettings: String
 
-    init(handle: OpaquePointer, threadPool: NIOThreadPool) {
+    init(handle: OpaquePointer, threadPool: NIOThreadPool, localSettings: String) {
         self.handle = handle
         self.threadPool = threadPool
         self.canceller = Mutex(Canceller(cancel: CancelHandle(PQgetCancel(handle))))
+        self.localSettings = localSettings
+    }
+
+    /// `SELECT set_config(..., true), ...`: the configuration's bounds and the UTC time zone, local to a transaction.
+    static func localSettings(for configuration: PostgresConfiguration) -> String {
+        "SELECT set_config('statement_timeout', '\(max(0, configuration.statementTimeoutMilliseconds))', true), "
+            + "set_config('idle_in_transaction_session_timeout', "
+            + "'\(max(0, configuration.idleInTransactionTimeoutMilliseconds))', true), "
+            + "set_config('TimeZone', 'UTC', true)"
     }
 
     deinit {
@@ -55,16 +74,19 @@ public final class PostgresConnection: @unchecked Sendable {
         let handle = try await threadPool.runIfActive {
             try SendableHandle(connectBlocking(configuration: configuration))
         }
-        return PostgresConnection(handle: handle.pointer, threadPool: threadPool)
+        return PostgresConnection(
+            handle: handle.pointer, threadPool: threadPool, localSettings: localSettings(for: configuration))
     }
 
     // MARK: Statements
 
-    /// Runs one parameterised statement (`$1`, `$2`, ...) and returns its rows.
-    @discardableResult
+    /// Runs one parameterised statement (`$1`, `$2`, ...) and returns its rows. Outside a transaction a query or DML
+    /// statement runs under the configuration's bounds, set for its own implicit transaction in the same round trip
+    /// (see `runsInTransactionBlock`).
     ///
     /// When the calling task is cancelled (a shutdown past its grace, say), the statement is cancelled on the server
     /// too (`PQcancel`), so that it ends now with 57014 instead of running on to its statement timeout.
+    @discardableResult
     public func query(_ sql: String, _ binds: [PostgresBind] = []) async throws -> PostgresRows {
         let statement = canceller.withLock { state -> UInt64 in
             state.next += 1
@@ -101,7 +123,8 @@ public final class PostgresConnection: @unchecked Sendable {
         }
     }
 
-    /// Runs `body` in a transaction: BEGIN, then COMMIT, or ROLLBACK when `body` throws.
+    /// Runs `body` in a transaction: BEGIN (with the bounds set local to the transaction, in the same message), then
+    /// COMMIT, or ROLLBACK when `body` throws.
     ///
     /// A COMMIT that fails, or that answers ROLLBACK because an earlier statement failed, throws: it is never taken
     /// for success. A COMMIT whose answer was lost throws `.commitOutcomeUnknown`, and the connection is broken so the
@@ -109,7 +132,7 @@ public final class PostgresConnection: @unchecked Sendable {
     public func withTransaction<T: Sendable>(
         _ body: (PostgresConnection) async throws -> T
     ) async throws -> T {
-        try await query("BEGIN")
+        try await threadPool.runIfActive { try self.beginBlocking() }
         let value: T
         do {
             value = try await body(self)
@@ -212,25 +235,26 @@ extension PostgresConnection {
         // Server notices (`NOTICE: relation already exists, skipping`) are not errors; libpq would print them on
         // standard error, outside our logging. Drop them.
         PQsetNoticeProcessor(handle, { _, _ in }, nil)
-        // Session settings: every statement is bounded in time, and timestamps are read in UTC.
-        let setup =
-            "SET statement_timeout = \(configuration.statementTimeoutMilliseconds); "
-            + "SET idle_in_transaction_session_timeout = \(configuration.idleInTransactionTimeoutMilliseconds); "
-            + "SET TIME ZONE 'UTC'"
-        let result = PQexec(handle, setup)
-        defer { PQclear(result) }
-        guard PQresultStatus(result) == PGRES_COMMAND_OK else {
-            let message = String(cString: PQerrorMessage(handle))
-            PQfinish(handle)
-            throw PostgresError(code: .connectionFailed, message: "session setup failed: \(message)")
-        }
+        // No session settings here: behind a transaction-mode pooler they would not stay with us. The bounds and
+        // the time zone are set per transaction (see `localSettings`).
         return handle
+    }
+
+    /// BEGIN and the bounds local to the new transaction, in one simple-protocol message (one round trip).
+    func beginBlocking() throws {
+        guard let handle else {
+            throw PostgresError(code: .connectionLost, message: "the connection is closed")
+        }
+        let result = PQexec(handle, "BEGIN; " + localSettings)
+        defer { PQclear(result) }
+        _ = try Self.readResult(result, connection: handle)
     }
 
     func queryBlocking(_ sql: String, _ binds: [PostgresBind]) throws -> PostgresRows {
         guard let handle else {
             throw PostgresError(code: .connectionLost, message: "the connection is closed")
         }
+        let bounded = PQtransactionStatus(handle) == PQTRANS_IDLE && Self.runsInTransactionBlock(sql)
         let buffers: [UnsafeMutablePointer<CChar>?] = binds.map { bind in
             guard let bytes = bind.wireBytes else { return nil }
             let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: bytes.count + 1)
@@ -246,9 +270,86 @@ extension PostgresConnection {
         let formats: [Int32] = binds.map(\.format)
         let types: [Oid] = binds.map { Oid($0.typeOID) }
 
-        let result = PQexecParams(handle, sql, Int32(binds.count), types, values, lengths, formats, 0)
-        defer { PQclear(result) }
-        return try Self.readResult(result, connection: handle)
+        guard bounded else {
+            // Inside a transaction: its BEGIN set the bounds already.
+            let result = PQexecParams(handle, sql, Int32(binds.count), types, values, lengths, formats, 0)
+            defer { PQclear(result) }
+            return try Self.readResult(result, connection: handle)
+        }
+        return try pipelinedBlocking(handle) {
+            PQsendQueryParams(handle, sql, Int32(binds.count), types, values, lengths, formats, 0)
+        }
+    }
+
+    /// Whether a statement can share an implicit transaction with the bounds: queries and DML (`SELECT`, `WITH`,
+    /// `INSERT`, `UPDATE`, `DELETE`, `MERGE`, `VALUES`, `TABLE`), which is every statement the service runs on its
+    /// own. Other statements outside a transaction (`CREATE DATABASE`, `VACUUM` and other utility commands, some of
+    /// which refuse to run in a transaction block) are sent alone, under the server's settings.
+    static func runsInTransactionBlock(_ sql: String) -> Bool {
+        let word = sql.drop(while: { $0 == " " || $0 == "\n" || $0 == "\t" || $0 == "\r" || $0 == "(" })
+            .prefix(while: { $0.isLetter }).uppercased()
+        return ["SELECT", "WITH", "INSERT", "UPDATE", "DELETE", "MERGE", "VALUES", "TABLE"].contains(word)
+    }
+
+    /// Outside a transaction: `localSettings`, then the statement sent by `send`, then a Sync, in one libpq pipeline.
+    /// Everything before the Sync is one implicit transaction on one server connection (a transaction-mode pooler
+    /// hands the server connection back only at the ReadyForQuery after the Sync), so the bounds hold for the
+    /// statement and end with it. One round trip, as for a lone `PQexecParams`.
+    private func pipelinedBlocking(_ handle: OpaquePointer, send: () -> Int32) throws -> PostgresRows {
+        func lost() -> PostgresError {
+            let message = String(cString: PQerrorMessage(handle)).trimmingCharacters(in: .whitespacesAndNewlines)
+            let code: PostgresError.Code = PQstatus(handle) == CONNECTION_OK ? .unexpected : .connectionLost
+            return PostgresError(code: code, message: message)
+        }
+        guard PQenterPipelineMode(handle) == 1 else { throw lost() }
+        guard PQsendQueryParams(handle, localSettings, 0, nil, nil, nil, nil, 0) == 1, send() == 1,
+            PQpipelineSync(handle) == 1
+        else {
+            let error = lost()
+            // Whatever was queued cannot be told apart from what was sent: the connection is not reused.
+            close()
+            throw error
+        }
+        var settingsError: PostgresError?
+        var statement: OpaquePointer?
+        defer { if let statement { PQclear(statement) } }
+        var index = 0  // 0: the settings, 1: the statement; a NULL result ends one.
+        var synced = false
+        while index <= 2 {
+            guard let result = PQgetResult(handle) else {
+                if PQstatus(handle) != CONNECTION_OK { break }
+                index += 1
+                continue
+            }
+            let status = PQresultStatus(result)
+            if status == PGRES_PIPELINE_SYNC {
+                PQclear(result)
+                synced = true
+                break
+            }
+            if index == 0 {
+                if status != PGRES_TUPLES_OK && settingsError == nil {
+                    settingsError = Self.error(from: result, connection: handle)
+                }
+                PQclear(result)
+            } else if index == 1 && statement == nil {
+                statement = result
+            } else {
+                PQclear(result)
+            }
+        }
+        if !synced || PQexitPipelineMode(handle) != 1 {
+            // The Sync's ReadyForQuery never came (the server went away): the connection is done. A server error
+            // met on the way is the better account of what happened.
+            var error = settingsError ?? lost()
+            if settingsError == nil, let statement, PQresultStatus(statement) == PGRES_FATAL_ERROR {
+                error = Self.error(from: statement, connection: handle)
+            }
+            close()
+            throw error
+        }
+        if let settingsError { throw settingsError }
+        return try Self.readResult(statement, connection: handle)
     }
 
     static func readResult(_ result: OpaquePointer?, connection: OpaquePointer) throws -> PostgresRows {

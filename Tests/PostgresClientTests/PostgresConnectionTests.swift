@@ -31,6 +31,44 @@ struct PostgresConnectionTests {
         #expect(try row.decode(String.self, "doc") == "{\"a\": null, \"b\": [1, 2]}")
     }
 
+    @Test("a lone statement runs under the configured bounds and UTC, set for its own transaction only")
+    func loneStatementIsBoundedLocally() async throws {
+        let pool = try await TestDatabase.pool(poolSizeMax: 1, statementTimeoutMilliseconds: 300)
+        defer { Task { await pool.close() } }
+        // setting: what the statement runs under; reset_val: the session's own value, which stays the server's.
+        let row = try await pool.query(
+            "SELECT current_setting('statement_timeout') AS bound, current_setting('TimeZone') AS zone, "
+                + "(SELECT reset_val FROM pg_settings WHERE name = 'statement_timeout') AS session"
+        ).rows[0]
+        #expect(try row.decode(String.self, "bound") == "300ms")
+        #expect(try row.decode(String.self, "zone") == "UTC")
+        #expect(try row.decode(String.self, "session") == "0")
+        let started = ContinuousClock.now
+        let error = await #expect(throws: PostgresError.self) { try await pool.query("SELECT pg_sleep(5)") }
+        #expect(error?.sqlState == "57014")
+        #expect(ContinuousClock.now - started < .seconds(3))
+        // A failed statement leaves the connection usable, outside any transaction.
+        #expect(try await pool.query("SELECT 1 AS one").rows[0].decode(Int.self, "one") == 1)
+    }
+
+    @Test("a transaction runs under the configured bounds, set with its BEGIN for it only")
+    func transactionIsBoundedLocally() async throws {
+        let pool = try await TestDatabase.pool(poolSizeMax: 1, statementTimeoutMilliseconds: 300)
+        defer { Task { await pool.close() } }
+        let bounds = try await pool.withTransaction { connection in
+            let row = try await connection.query(
+                "SELECT current_setting('statement_timeout') AS bound, "
+                    + "current_setting('idle_in_transaction_session_timeout') AS idle").rows[0]
+            return (try row.decode(String.self, "bound"), try row.decode(String.self, "idle"))
+        }
+        #expect(bounds.0 == "300ms")
+        #expect(bounds.1 == "1min")
+        let error = await #expect(throws: PostgresError.self) {
+            try await pool.withTransaction { connection in try await connection.query("SELECT pg_sleep(5)") }
+        }
+        #expect(error?.sqlState == "57014")
+    }
+
     @Test("an injection string stays data")
     func injectionStaysData() async throws {
         let pool = try await TestDatabase.pool()

@@ -25,6 +25,10 @@ import requests
 REPO = Path(__file__).resolve().parents[2]
 LEDGER_BIN = os.environ.get("LEDGER_BIN", str(REPO / ".build" / "debug" / "ledger"))
 PG_ADMIN = os.environ.get("LEDGER_TEST_PG", "")
+# Where the `ledger serve` processes of the tests connect, when not straight to LEDGER_TEST_PG: a conninfo without
+# dbname, e.g. a pgbouncer in transaction mode in front of the same server (scripts/test's pooler stage). psql,
+# migrations and the other CLI commands stay on LEDGER_TEST_PG.
+SERVE_PG = os.environ.get("LEDGER_TEST_SERVE_PG", "") or PG_ADMIN
 
 TIMEOUT = 30  # seconds, for every HTTP request
 AMOUNT_MAX = 9007199254740991  # 2^53 - 1
@@ -59,6 +63,11 @@ def sql_literal(text: str) -> str:
 
 def conninfo(dbname: str) -> str:
     return f"{PG_ADMIN} dbname={dbname}"
+
+
+def serve_conninfo(dbname: str) -> str:
+    """The conninfo `ledger serve` gets for a database of the test server (through LEDGER_TEST_SERVE_PG if set)."""
+    return f"{SERVE_PG} dbname={dbname}"
 
 
 def conninfo_parts() -> dict:
@@ -249,7 +258,8 @@ class LedgerServer:
         self.log_path = Path(log_dir) / f"serve-{self.port}.log"
         cmd = [LEDGER_BIN, "serve"]
         if use_flags:
-            cmd += ["--hostname", "127.0.0.1", "--port", str(self.port), "--database-url", url or conninfo(dbname)]
+            cmd += ["--hostname", "127.0.0.1", "--port", str(self.port),
+                    "--database-url", url or serve_conninfo(dbname)]
         cmd += list(extra_args)
         full_env = dict(os.environ)
         full_env.pop("DATABASE_URL", None)

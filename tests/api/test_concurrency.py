@@ -290,9 +290,13 @@ def test_statement_timeout_is_503_and_stores_nothing(api_a, main_db, start_serve
     account = api.new_account(currency)
     key = lt.uid("timeout-")
     with lt.holding_account_lock(main_db, api.client, account):
+        started = time.monotonic()
         r = api.credit(account, 4, currency, key=key)
+        elapsed = time.monotonic() - started
         lt.assert_problem(r, 503, "database-unavailable")
         assert r.headers.get("Retry-After", "").strip().isdigit(), f"503 needs Retry-After: {lt.describe(r)}"
+        # The bound holds (directly and behind a transaction-mode pooler): well before the lock would be let go.
+        assert elapsed < 5, f"the 500 ms statement bound answered only after {elapsed:.1f} s"
     assert api_a.balance(account) == 0
     n = lt.psql(
         main_db,
@@ -303,6 +307,27 @@ def test_statement_timeout_is_503_and_stores_nothing(api_a, main_db, start_serve
     r = api.credit(account, 4, currency, key=key)
     lt.assert_first(r, 201)
     assert api_a.balance(account) == 4
+
+
+def test_statement_timeout_of_one_process_stays_with_it(api_a, main_db, start_server):
+    """--statement-timeout-ms bounds the statements of its own process only. A process with a short bound runs
+    statements first (behind a transaction-mode pooler, on server connections other processes get next); then a
+    request of the session's server (default bound, 10 s) that waits over a second on a row lock still succeeds."""
+    short = start_server(["--no-migrate", "--statement-timeout-ms", "300"])
+    api_short = api_a.clone(short.base)
+    lt.parallel([lambda: api_short.clone().new_account("XLK") for _ in range(32)])
+    account = api_a.new_account("XLK")
+    key = lt.uid("noleak-")
+    result = {}
+    with lt.holding_account_lock(main_db, api_a.client, account):
+        waiter = threading.Thread(
+            target=lambda: result.setdefault("r", api_a.clone().credit(account, 2, "XLK", key=key)))
+        waiter.start()
+        lt.wait_for_lock_waiter(main_db)
+        time.sleep(1.2)
+    waiter.join(timeout=30)
+    lt.assert_first(result["r"], 201)
+    assert api_a.balance(account) == 2
 
 
 def test_storm_one_key_two_different_bodies(api_a, sql, second_server):
