@@ -5,10 +5,6 @@ import PostgresClient
 /// rules (`ledger.execute_movements`) under the idempotency machinery of every keyed request.
 extension LedgerStore {
     /// POST /v1/holds.
-    public func postHold(client: String, key: IdempotencyKey, request: HoldRequest) async throws -> PostOutcome {
-        try await postHoldAnswer(client: client, key: key, request: request).outcome
-    }
-
     public func postHoldAnswer(
         client: String, key: IdempotencyKey, request: HoldRequest, keyWait: Int? = nil
     ) async throws -> KeyedAnswer {
@@ -23,12 +19,6 @@ extension LedgerStore {
     }
 
     /// POST /v1/holds/{id}/capture. `hold` is the id as it appeared in the path (a malformed one is not found).
-    public func capture(client: String, key: IdempotencyKey, hold: String, request: AmendRequest) async throws
-        -> PostOutcome
-    {
-        try await captureAnswer(client: client, key: key, hold: hold, request: request).outcome
-    }
-
     public func captureAnswer(
         client: String, key: IdempotencyKey, hold: String, request: AmendRequest, keyWait: Int? = nil
     ) async throws -> KeyedAnswer {
@@ -41,12 +31,6 @@ extension LedgerStore {
     }
 
     /// POST /v1/holds/{id}/void.
-    public func void(client: String, key: IdempotencyKey, hold: String, fingerprintText: String) async throws
-        -> PostOutcome
-    {
-        try await voidAnswer(client: client, key: key, hold: hold, fingerprintText: fingerprintText).outcome
-    }
-
     public func voidAnswer(
         client: String, key: IdempotencyKey, hold: String, fingerprintText: String, keyWait: Int? = nil
     ) async throws -> KeyedAnswer {
@@ -56,12 +40,6 @@ extension LedgerStore {
     }
 
     /// POST /v1/transfers/{id}/reversals.
-    public func reverse(client: String, key: IdempotencyKey, transfer: String, request: AmendRequest) async throws
-        -> PostOutcome
-    {
-        try await reverseAnswer(client: client, key: key, transfer: transfer, request: request).outcome
-    }
-
     public func reverseAnswer(
         client: String, key: IdempotencyKey, transfer: String, request: AmendRequest, keyWait: Int? = nil
     ) async throws -> KeyedAnswer {
