@@ -54,7 +54,9 @@ public func buildApplication(
     var app = Application(
         responder: api,
         server: .http1(
-            configuration: .init(idleTimeout: .nanoseconds(Int64(configuration.http.idleTimeout.components.seconds) * 1_000_000_000
+            configuration: .init(
+                additionalChannelHandlers: [HTTP1ConnectionClose.Installer()],
+                idleTimeout: .nanoseconds(Int64(configuration.http.idleTimeout.components.seconds) * 1_000_000_000
                 + configuration.http.idleTimeout.components.attoseconds / 1_000_000_000))),
         configuration: .init(
             address: .hostname(configuration.hostname, port: configuration.port), serverName: nil,

@@ -114,3 +114,19 @@ def test_an_unknown_transfer_coding_is_501(server, api_a):
                              + b"\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n")
     status, code = status_and_code(answer)
     assert status == 501 and code == "transfer-coding-not-implemented", answer[:300]
+
+
+def test_http10_without_keep_alive_is_closed_after_its_answer(server):
+    answer, closed = raw_exchange(server.port, b"GET /health HTTP/1.0\r\n\r\n")
+    assert b" 200 " in answer.split(b"\r\n", 1)[0] and closed, (answer[:200], closed)
+    answer, closed = raw_exchange(server.port, b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", wait=1.0)
+    assert b" 200 " in answer.split(b"\r\n", 1)[0] and not closed, "an HTTP/1.0 keep-alive connection stays open"
+    answer, closed = raw_exchange(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", wait=1.0)
+    assert b" 200 " in answer.split(b"\r\n", 1)[0] and not closed, "an HTTP/1.1 connection stays open"
+
+
+def test_connect_is_answered_and_the_connection_closed(server):
+    started = time.monotonic()
+    answer, closed = raw_exchange(server.port, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 4") and closed, (answer[:200], closed)
+    assert time.monotonic() - started < 2, "a CONNECT left the client waiting"
