@@ -1,7 +1,7 @@
 import LedgerCore
 import PostgresClient
 
-/// Holds, captures, voids and reversals: each one call of a SQL function (sql/0009) that runs the one set of money
+/// Holds, captures, voids and reversals: each one call of a SQL function (sql/0008) that runs the one set of money
 /// rules (`ledger.execute_movements`) under the idempotency machinery of every keyed request.
 extension LedgerStore {
     /// POST /v1/holds.
