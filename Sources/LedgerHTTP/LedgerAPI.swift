@@ -23,11 +23,15 @@ public struct LedgerAPI: HTTPResponder {
     let logger: Logger
     /// Exported at GET /metrics; nil when metrics were not bootstrapped (they then go nowhere).
     let metricsRegistry: PrometheusCollectorRegistry?
+    /// The long-polls of GET /v1/events; run as a service beside the server (`buildApplication`).
+    let events: EventWaiters
 
     public init(
         store: LedgerStore, options: HTTPOptions, metricsRegistry: PrometheusCollectorRegistry? = nil, logger: Logger
     ) {
         self.store = store
+        self.events = EventWaiters(
+            store: store, waitersMax: options.eventsWaitersMax, pollInterval: options.eventsPollInterval, logger: logger)
         self.authenticator = Authenticator(store: store, cacheTTL: options.authCacheTTL)
         self.options = options
         self.metricsRegistry = metricsRegistry

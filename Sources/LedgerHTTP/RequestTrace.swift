@@ -119,6 +119,13 @@ enum LedgerMetrics {
         counter("ledger_precondition_failed_total").increment()
     }
 
+    private static let waiting = Mutex(0)
+
+    /// `ledger_events_waiters`: requests of GET /v1/events waiting for an event now.
+    static func eventWaiters(delta: Int) {
+        Gauge(label: "ledger_events_waiters").record(waiting.withLock { $0 += delta; return $0 })
+    }
+
     static func pool(_ stats: LedgerStore.PoolStatistics) {
         Gauge(label: "ledger_db_pool_connections", dimensions: [("state", "in_use")]).record(stats.inUse)
         Gauge(label: "ledger_db_pool_connections", dimensions: [("state", "idle")]).record(stats.idle)
