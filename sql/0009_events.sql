@@ -31,7 +31,7 @@ CREATE TABLE ledger.event_heads (
 CREATE TABLE ledger.webhooks (
     client_id     text        NOT NULL REFERENCES ledger.clients (id),
     id            text        NOT NULL CONSTRAINT webhooks_id_format CHECK (id ~ '^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$'),
-    url           text        NOT NULL CONSTRAINT webhooks_url CHECK (url ~ '^https?://' AND octet_length(url) <= 2048),
+    url           text        NOT NULL CONSTRAINT webhooks_url CHECK (url ~* '^https?://' AND octet_length(url) <= 2048),
     types         text[]      NOT NULL DEFAULT '{}',
     enabled       boolean     NOT NULL DEFAULT true,
     secret_nonce  bytea       NOT NULL CONSTRAINT webhooks_nonce_length CHECK (length(secret_nonce) = 32),
@@ -229,13 +229,15 @@ $$;
 -- Due deliveries, claimed for one attempt: at most p_limit, at most p_per_webhook minus what this process has in
 -- flight for a webhook (p_busy_*), the oldest due first. A claim counts the attempt and moves next_attempt_at past
 -- the attempt's lease, so a process killed mid-attempt leaves it to be retried after that. A delivery that has
--- used its attempts is marked failed instead (claimed = false).
+-- used its attempts is marked failed instead (claimed = false). Its commit does not wait for the WAL flush: a claim
+-- lost to a crash of the database only means an attempt made again, which at-least-once delivery allows.
 CREATE FUNCTION ledger.claim_deliveries(
     p_limit integer, p_per_webhook integer, p_busy_clients text[], p_busy_webhooks text[], p_busy_counts integer[],
     p_lease_ms integer, p_attempts_max integer
 ) RETURNS TABLE (client_id text, webhook_id text, event_seq bigint, claimed boolean, attempt integer, url text,
                  secret_nonce bytea, secret_key_id text, event_id bigint, event_created_at timestamptz, body text)
 LANGUAGE sql AS $$
+SELECT set_config('synchronous_commit', 'off', true);
 WITH due AS (
     SELECT d.client_id, d.webhook_id, d.event_seq, d.next_attempt_at
     FROM ledger.webhook_deliveries d
@@ -272,13 +274,15 @@ JOIN ledger.events e ON e.client_id = c.client_id AND e.seq = c.event_seq
 $$;
 
 -- The outcomes of attempts: 'delivered' (a 2xx: the delivery is done and removed), 'retry' (again in p_next_in_ms),
--- 'failed' (given up), 'gone' (410: given up, and the webhook disabled).
+-- 'failed' (given up), 'gone' (410: given up, and the webhook disabled). Not waiting for the WAL flush either: an
+-- outcome lost to a crash of the database means the attempt is made again (a duplicate the receiver removes).
 CREATE FUNCTION ledger.record_deliveries(
     p_clients text[], p_webhooks text[], p_seqs bigint[], p_outcomes text[], p_next_in_ms bigint[],
     p_statuses integer[], p_errors text[]
 ) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
     DELETE FROM ledger.webhook_deliveries d
     USING unnest(p_clients, p_webhooks, p_seqs, p_outcomes) AS x(client_id, webhook_id, seq, outcome)
     WHERE x.outcome = 'delivered'

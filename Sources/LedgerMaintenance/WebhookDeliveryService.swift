@@ -21,7 +21,8 @@ public struct WebhookDeliveryOptions: Sendable {
     public var attemptsMax: Int
     /// Requests in flight to one webhook at most, per replica. Default 16.
     public var concurrencyMax: Int
-    /// Requests in flight in all, per replica. Default 256.
+    /// Deliveries claimed and not finished in all (sending, or waiting their turn behind a webhook's requests in
+    /// flight), per replica. Default 256.
     public var inFlightMax: Int
     /// How often due deliveries are looked for (and committed events placed in their feeds). Default 100 ms.
     public var pollIntervalMilliseconds: Int
@@ -43,8 +44,10 @@ public struct WebhookDeliveryOptions: Sendable {
         self.pollIntervalMilliseconds = pollIntervalMilliseconds
     }
 
-    /// A claimed attempt is not claimed again before this: its timeout and a margin for recording its outcome.
-    var leaseMilliseconds: Int { timeoutMilliseconds + 5_000 }
+    /// A claimed attempt is not claimed again before this: the wait behind the claims ahead of it (at most 3 rounds of
+    /// `concurrencyMax` requests, see `WebhookDeliveryService.prefetch`), its own timeout, and a margin for
+    /// recording its outcome. What a killed process had claimed is sent again once this has passed.
+    var leaseMilliseconds: Int { 4 * timeoutMilliseconds + 5_000 }
 }
 
 /// Delivers webhooks: claims due deliveries (shared across replicas by `FOR UPDATE SKIP LOCKED`), POSTs each with
@@ -86,45 +89,90 @@ public struct WebhookDeliveryService: Service {
         try? await http.shutdown()
     }
 
+    /// Claimed deliveries, per webhook: waiting to be sent, and sent now. Claims run ahead of the requests (up to
+    /// `prefetch` per webhook) so that a finished request is followed by the next one at once, without a query.
+    struct Queues {
+        var waiting: [WebhookKey: [LedgerStore.WebhookDelivery]] = [:]
+        var sending: [WebhookKey: Int] = [:]
+        /// Claimed and not finished, per webhook (waiting + sending) and in all.
+        var claimed: [WebhookKey: Int] = [:]
+        var claimedTotal = 0
+
+        mutating func add(_ delivery: LedgerStore.WebhookDelivery) {
+            let key = WebhookKey(client: delivery.client, webhookID: delivery.webhookID)
+            waiting[key, default: []].append(delivery)
+            claimed[key, default: 0] += 1
+            claimedTotal += 1
+        }
+
+        /// The next delivery of `key` to send, when fewer than `concurrencyMax` of its requests are in flight.
+        mutating func next(_ key: WebhookKey, concurrencyMax: Int) -> LedgerStore.WebhookDelivery? {
+            guard sending[key, default: 0] < concurrencyMax, var list = waiting[key], !list.isEmpty else { return nil }
+            let delivery = list.removeFirst()
+            waiting[key] = list.isEmpty ? nil : list
+            sending[key, default: 0] += 1
+            return delivery
+        }
+
+        /// One request of `key` ended; true when that webhook has nothing more waiting.
+        mutating func finish(_ key: WebhookKey) -> Bool {
+            sending[key, default: 1] -= 1
+            claimed[key, default: 1] -= 1
+            claimedTotal -= 1
+            if claimed[key] == 0 { claimed[key] = nil }
+            if sending[key] == 0 { sending[key] = nil }
+            return waiting[key] == nil
+        }
+
+        var busy: [(client: String, webhookID: String, count: Int)] {
+            claimed.map { (client: $0.key.client, webhookID: $0.key.webhookID, count: $0.value) }
+        }
+    }
+
+    /// Claims ahead per webhook, in multiples of its concurrency: enough to keep its requests going between claims.
+    var prefetch: Int { options.concurrencyMax * 4 }
+
     private func deliverUntilShutdown(_ attempter: WebhookAttempter) async {
         await withTaskGroup(of: Step.self) { group in
-            var inFlight: [WebhookKey: Int] = [:]
-            var total = 0
+            var queues = Queues()
             var finished: [LedgerStore.DeliveryResult] = []
             var statisticsDue = ContinuousClock.now
             group.addTask { await Self.tick(self.options.pollIntervalMilliseconds) }
             while let step = await group.next() {
+                var ticked = false
                 switch step {
                 case .done(let result):
-                    inFlight[WebhookKey(client: result.client, webhookID: result.webhookID), default: 1] -= 1
-                    total -= 1
+                    let key = WebhookKey(client: result.client, webhookID: result.webhookID)
+                    let ranDry = queues.finish(key)
                     finished.append(result)
-                    // Outcomes are recorded together: at a tick, or once a batch of them is waiting.
-                    if finished.count < 32 { continue }
+                    if let delivery = queues.next(key, concurrencyMax: options.concurrencyMax) {
+                        group.addTask { .done(await attempter.attempt(delivery)) }
+                    }
+                    // Outcomes and claims go to the database together: once a webhook ran dry, or 32 outcomes wait.
+                    if !ranDry && finished.count < 32 { continue }
                 case .tick:
+                    ticked = true
                     group.addTask { await Self.tick(self.options.pollIntervalMilliseconds) }
                 }
                 await record(&finished)
                 if Task.isShuttingDownGracefully || Task.isCancelled {
-                    if total == 0 { break }
+                    if queues.sending.isEmpty { break }
                     continue
                 }
-                await placeEvents()
-                if ContinuousClock.now >= statisticsDue {
-                    statisticsDue = .now + .seconds(15)
-                    await reportStatistics()
-                }
-                let capacity = options.inFlightMax - total
-                guard capacity > 0 else { continue }
-                let busy = inFlight.filter { $0.value > 0 }.map { (client: $0.key.client, webhookID: $0.key.webhookID, count: $0.value) }
-                for delivery in await claim(limit: capacity, busy: busy) {
-                    guard delivery.claimed else {
-                        Counter(label: "ledger_webhook_deliveries_total", dimensions: [("outcome", "failed")]).increment()
-                        continue
+                if ticked {
+                    await placeEvents()
+                    if ContinuousClock.now >= statisticsDue {
+                        statisticsDue = .now + .seconds(15)
+                        await reportStatistics()
                     }
-                    inFlight[WebhookKey(client: delivery.client, webhookID: delivery.webhookID), default: 0] += 1
-                    total += 1
-                    group.addTask { .done(await attempter.attempt(delivery)) }
+                }
+                for delivery in await claim(limit: options.inFlightMax - queues.claimedTotal, busy: queues.busy) {
+                    queues.add(delivery)
+                }
+                for key in Array(queues.waiting.keys) {
+                    while let delivery = queues.next(key, concurrencyMax: options.concurrencyMax) {
+                        group.addTask { .done(await attempter.attempt(delivery)) }
+                    }
                 }
             }
             group.cancelAll()
@@ -156,13 +204,20 @@ public struct WebhookDeliveryService: Service {
         }
     }
 
+    /// Due deliveries, claimed for an attempt each; those that had used their attempts come back recorded failed.
     private func claim(
         limit: Int, busy: [(client: String, webhookID: String, count: Int)]
     ) async -> [LedgerStore.WebhookDelivery] {
+        guard limit > 0 else { return [] }
         do {
-            return try await store.claimDeliveries(
-                limit: limit, perWebhook: options.concurrencyMax, busy: busy, leaseMilliseconds: options.leaseMilliseconds,
+            let claimed = try await store.claimDeliveries(
+                limit: limit, perWebhook: prefetch, busy: busy, leaseMilliseconds: options.leaseMilliseconds,
                 attemptsMax: options.attemptsMax)
+            let exhausted = claimed.count { !$0.claimed }
+            if exhausted > 0 {
+                Counter(label: "ledger_webhook_deliveries_total", dimensions: [("outcome", "failed")]).increment(by: exhausted)
+            }
+            return claimed.filter(\.claimed)
         } catch {
             logger.warning("claiming webhook deliveries failed", metadata: ["error": "\(error)"])
             return []

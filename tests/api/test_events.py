@@ -259,3 +259,40 @@ def test_twenty_writers_and_a_tight_consumer_miss_nothing(fresh):
         got = fresh.get_account(account).json()
         touching = [e for e in transfers if account in (e["data"]["from"], e["data"]["to"])]
         assert len(touching) == got["version"]
+
+
+def test_waiting_requests_are_answered_at_once_on_shutdown(main_db, log_dir):
+    srv = lt.LedgerServer.healthy(main_db, log_dir=log_dir)
+    name = "events." + lt.uid()
+    api = lt.Api(srv.base, lt.create_token(main_db, name), name)
+    result = {}
+
+    def poll():
+        result["response"] = api.get("/v1/events", params={"wait_s": "30"})
+        result["at"] = time.monotonic()
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    time.sleep(1.0)
+    stopped = time.monotonic()
+    assert srv.stop() == 0
+    thread.join(10)
+    assert result["response"].status_code == 200
+    assert result["response"].json() == {"events": [], "next_after": None}
+    assert result["at"] - stopped < 5
+
+
+def test_waiters_are_bounded(main_db, log_dir):
+    srv = lt.LedgerServer.healthy(main_db, extra_args=["--events-waiters-max", "1"], log_dir=log_dir)
+    try:
+        name = "events." + lt.uid()
+        api = lt.Api(srv.base, lt.create_token(main_db, name), name)
+        first = threading.Thread(target=lambda: api.clone().get("/v1/events", params={"wait_s": "3"}))
+        first.start()
+        time.sleep(0.5)
+        r = api.get("/v1/events", params={"wait_s": "3"})
+        assert r.status_code == 503 and r.json()["code"] == "events-waiters-exhausted" and r.headers["Retry-After"]
+        assert api.get("/v1/events").status_code == 200  # no wait: never refused
+        first.join(10)
+    finally:
+        srv.stop()

@@ -222,11 +222,12 @@ def test_connection_lost_around_commit_answers_503_and_the_retry_executes_exactl
     parts = dict(p.split("=", 1) for p in lt.PG_ADMIN.split())
     proxy = CuttingProxy(int(parts["port"]))
     url = f"host=127.0.0.1 port={proxy.port} user={parts.get('user', 'postgres')} dbname={own_db}"
-    # One connection, so the armed cut hits the statement of the request below and nothing else.
+    # One connection, so the armed cut hits the statement of the request below and nothing else: the background
+    # work (purge, hold sweep, webhook deliveries) is made rare enough not to take it.
     port = lt.free_port()
     server = serve(
         ["--hostname", "127.0.0.1", "--port", str(port), "--database-url", url, "--pool-size", "1",
-         "--purge-interval-s", "3600"],
+         "--purge-interval-s", "3600", "--hold-sweep-interval-ms", "3600000", "--webhook-poll-interval-ms", "60000"],
         use_flags=False, port=port)
     try:
         api = client_api(own_db, server)

@@ -16,7 +16,9 @@ The rules the schema cannot carry:
 - `invalid-metadata`: metadata over 4096 bytes as compact JSON, or holding U+0000 (which PostgreSQL jsonb cannot
   store); JSON Schema has no byte-size limit for an object.
 - `invalid-cursor`: a cursor is valid only when the service issued it for that account (its entries or its holds); a
-  generated one never is.
+  generated one never is. The same for the `after` of GET /v1/events: an event id this client was given.
+- `invalid-webhook-url` for a URL that has the documented `http(s)://` prefix but no well-formed host after it, or
+  whose host is a link-local address (refused whatever `--webhook-hosts-allowed` says).
 - 422 business outcomes of a well-formed POST: `insufficient-funds`, `currency-mismatch`, `balance-overflow`, the
   hold and reversal outcomes (`hold-captured`, `hold-voided`, `hold-expired`, `capture-exceeds-hold`,
   `reversal-exceeds-transfer`, `transfer-not-reversible`), and `idempotency-key-reused` (a generated Idempotency-Key
@@ -53,6 +55,9 @@ BUSINESS_422 = {
 METADATA_BYTES_MAX = 4096
 IF_MATCH = re.compile(r'"(?:0|[1-9][0-9]{0,18})"')
 PRINTABLE_KEY = re.compile(r"[ -~]{1,255}")
+WEBHOOK_URL = re.compile(
+    r"https?://(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?(?:[/?#][!-~]*)?", re.I)
+LINK_LOCAL = re.compile(r"https?://(?:169\.254\.|\[fe[89ab])", re.I)
 
 
 def _problem_member(response, name: str) -> str | None:
@@ -128,6 +133,11 @@ def _explained(case, response) -> bool:
     if method == "GET" and path in ("/v1/accounts/{id}/entries", "/v1/accounts/{id}/holds") and response.status_code == 400:
         if code == "invalid-cursor":
             return bool(case.query) and "cursor" in case.query
+    if method == "GET" and path == "/v1/events" and response.status_code == 400 and code == "invalid-cursor":
+        return bool(case.query) and "after" in case.query
+    if method == "PUT" and path == "/v1/webhooks/{id}" and response.status_code == 400 and code == "invalid-webhook-url":
+        url = body.get("url")
+        return isinstance(url, str) and (not WEBHOOK_URL.fullmatch(url) or bool(LINK_LOCAL.match(url)))
     return False
 
 
