@@ -11,6 +11,12 @@ public struct WebhookRequest: Sendable, Equatable {
     public var types: [String]
     public var enabled: Bool
 
+    public init(url: String, types: [String], enabled: Bool) {
+        self.url = url
+        self.types = types
+        self.enabled = enabled
+    }
+
     /// Shape, then `url`, then `types`, then `enabled`; a field of the wrong JSON type gets that field's code.
     public static func decode(body: [UInt8], hostsAllowed: WebhookHostsAllowed) -> Result<WebhookRequest, Problem> {
         let value: JSONValue

@@ -19,10 +19,10 @@ public struct LedgerStore: Sendable {
         /// Concurrent requests of one client executed together in one transaction, at most (group commit, see
         /// `TransferBatcher`). 1 runs every request in a transaction of its own. Default 16.
         public var batchMax: Int
-        /// Batches running at once, at most (each on a pooled connection). Few, so that requests arriving meanwhile
-        /// gather into the next batches instead of each taking a connection of its own: on a small machine two busy
-        /// backends committing batches of 8 to 16 move more money than many committing 1 or 2 (BENCHMARKS.md).
-        /// Default 2.
+        /// Batches of one client running at once, at most (each on a pooled connection). Few, so that requests
+        /// arriving meanwhile gather into the next batches instead of each taking a connection of its own: on a small
+        /// machine two busy backends committing batches of 8 to 16 move more money than many committing 1 or 2
+        /// (BENCHMARKS.md). Other clients get drivers of their own, up to the pool's size. Default 2.
         public var batchConcurrencyMax: Int
         /// Memory for answers of completed requests kept to answer replays without a round trip (`ReplayCache`), in
         /// bytes. 0 turns it off. Default 8 MiB.
@@ -84,11 +84,14 @@ public struct LedgerStore: Sendable {
             pool: pool, keyWaitMilliseconds: options.keyWaitMilliseconds,
             conflictRetriesMax: options.conflictRetriesMax, logger: logger)
         // At most one batch per pooled connection: more drivers than connections would only queue in the pool.
+        // Batches of one client at most `batchConcurrencyMax` at once; of all clients, one per pooled connection.
         self.batcher =
             options.batchMax > 1
             ? TransferBatcher(
                 executor: executor, batchMax: options.batchMax,
-                driversMax: min(pool.configuration.poolSizeMax, options.batchConcurrencyMax))
+                driversPerClientMax: min(pool.configuration.poolSizeMax, options.batchConcurrencyMax),
+                driversMax: pool.configuration.poolSizeMax, queueMax: pool.configuration.waitersMax,
+                queueWaitMax: pool.configuration.acquireWaitMax)
             : nil
         self.replayCache = options.replayCacheBytesMax > 0 ? ReplayCache(bytesMax: options.replayCacheBytesMax) : nil
     }

@@ -8,52 +8,87 @@ import Synchronization
 ///
 /// Each request's idempotency row, transfer, entries and balances still commit atomically (the batch commits or
 /// nothing does), under its key's advisory lock; the answer to each is sent only after the COMMIT returned. A batch
-/// forms only from what is already waiting, so a lone request is never delayed: at most `driversMax` batches run at
-/// once (one per pooled connection) and a request arriving meanwhile waits for the next one.
+/// forms only from what is already waiting, so a lone request is never delayed.
+///
+/// Fair between clients: one client runs at most `driversPerClientMax` batches at once, and a request of a client
+/// with none running gets a driver of its own (up to `driversMax`, the pool's size), so a client whose rows are
+/// locked or hot never holds the capacity another client needs. Bounded: at most `queueMax` requests wait (more are
+/// answered unavailable at once), and one that waited `queueWaitMax` is answered unavailable instead of run.
 final class TransferBatcher: Sendable {
     struct Pending: Sendable {
         let client: String
         let key: IdempotencyKey
         let request: TransferRequest
         let continuation: CheckedContinuation<LedgerStore.KeyedAnswer, any Error>
+        let arrived: ContinuousClock.Instant
     }
 
     private struct State {
         var queue: [Pending] = []
         var drivers = 0
+        /// Batches running, per client.
+        var running: [String: Int] = [:]
     }
 
     private let state = Mutex(State())
     private let batchMax: Int
+    private let driversPerClientMax: Int
     private let driversMax: Int
+    private let queueMax: Int
+    private let queueWaitMax: Duration
     private let executor: TransferExecutor
 
-    init(executor: TransferExecutor, batchMax: Int, driversMax: Int) {
-        precondition(batchMax >= 2 && driversMax >= 1, "a batcher needs batches of 2 or more and a driver")
+    init(
+        executor: TransferExecutor, batchMax: Int, driversPerClientMax: Int, driversMax: Int, queueMax: Int = 10_000,
+        queueWaitMax: Duration
+    ) {
+        precondition(batchMax >= 2 && driversPerClientMax >= 1, "a batcher needs batches of 2 or more and a driver")
+        precondition(driversMax >= driversPerClientMax && queueMax >= 1 && queueWaitMax > .zero, "batcher bounds")
         self.executor = executor
         self.batchMax = batchMax
+        self.driversPerClientMax = driversPerClientMax
         self.driversMax = driversMax
+        self.queueMax = queueMax
+        self.queueWaitMax = queueWaitMax
     }
 
     func submit(client: String, key: IdempotencyKey, request: TransferRequest) async throws -> LedgerStore.KeyedAnswer {
         try await withCheckedThrowingContinuation { continuation in
-            let startDriver = state.withLock { state -> Bool in
-                state.queue.append(Pending(client: client, key: key, request: request, continuation: continuation))
-                guard state.drivers < driversMax else { return false }
+            let admitted = state.withLock { state -> Bool? in
+                guard state.queue.count < queueMax else { return nil }
+                state.queue.append(
+                    Pending(client: client, key: key, request: request, continuation: continuation, arrived: .now))
+                guard state.drivers < driversMax, state.running[client, default: 0] < driversPerClientMax else {
+                    return false
+                }
                 state.drivers += 1
                 return true
             }
-            if startDriver { Task { await self.drive() } }
+            switch admitted {
+            case nil:
+                continuation.resume(
+                    throwing: PostgresError(code: .poolWaitersExhausted, message: "\(queueMax) requests already wait"))
+            case true?: Task { await self.drive() }
+            case false?: break
+            }
         }
     }
 
-    /// Takes what waits, in batches of one client, until nothing does.
+    /// Takes what waits, a batch of one client at a time, until nothing it may take does: the first waiting request
+    /// whose client runs fewer than `driversPerClientMax` batches decides the client.
     private func drive() async {
+        var client: String?
         while true {
-            let batch = state.withLock { state -> [Pending] in
-                guard let first = state.queue.first else {
+            let (batch, late) = state.withLock { state -> ([Pending], [Pending]) in
+                if let client { state.running[client, default: 1] -= 1 }
+                let now = ContinuousClock.now
+                let late = state.queue.filter { now - $0.arrived > queueWaitMax }
+                if !late.isEmpty { state.queue.removeAll { now - $0.arrived > queueWaitMax } }
+                guard let first = state.queue.first(where: { state.running[$0.client, default: 0] < driversPerClientMax })
+                else {
                     state.drivers -= 1
-                    return []
+                    precondition(state.drivers >= 0, "batch drivers below zero")
+                    return ([], late)
                 }
                 var taken: [Pending] = []
                 var kept: [Pending] = []
@@ -61,9 +96,15 @@ final class TransferBatcher: Sendable {
                     if taken.count < batchMax && pending.client == first.client { taken.append(pending) } else { kept.append(pending) }
                 }
                 state.queue = kept
-                return taken
+                state.running[first.client, default: 0] += 1
+                return (taken, late)
+            }
+            for pending in late {
+                pending.continuation.resume(
+                    throwing: PostgresError(code: .poolAcquireTimeout, message: "waited too long for a batch"))
             }
             if batch.isEmpty { return }
+            client = batch[0].client
             await run(batch)
         }
     }
@@ -76,9 +117,10 @@ final class TransferBatcher: Sendable {
         let outcomes: [LedgerStore.KeyedAnswer?]
         do {
             outcomes = try await executor.postTogether(client: batch[0].client, items: batch.map { ($0.key, $0.request) })
-        } catch let error as PostgresError where error.isConnectionError {
-            // The COMMIT's outcome is unknown, or nothing ran: every request answers 503, and its retry replays or
-            // executes once.
+        } catch let error as PostgresError where error.isConnectionError || error.isQueryCanceled || error.isLockTimeout {
+            // The COMMIT's outcome is unknown, nothing ran, or the batch ran out of time: every request answers 503
+            // at once (run one by one, each would wait out the same timeout again), and its retry replays or executes
+            // once.
             for pending in batch { pending.continuation.resume(throwing: error) }
             return
         } catch {
