@@ -8,7 +8,7 @@
 CREATE SEQUENCE ledger.events_seq AS bigint;
 
 CREATE TABLE ledger.events (
-    client_id  text        NOT NULL REFERENCES ledger.clients (id),
+    client_id  text        NOT NULL,
     seq        bigint      NOT NULL DEFAULT nextval('ledger.events_seq'),
     xid        xid8        NOT NULL DEFAULT pg_current_xact_id(),
     position   bigint      CONSTRAINT events_position_positive CHECK (position > 0),
@@ -17,9 +17,10 @@ CREATE TABLE ledger.events (
     subject    text        NOT NULL,
     data       text        NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (client_id, seq),
-    CONSTRAINT events_one_per_position UNIQUE (client_id, position)
+    PRIMARY KEY (client_id, seq)
 );
+-- Partial: an event is indexed by position once it has one, not when it is appended (one index write less per event).
+CREATE UNIQUE INDEX events_one_per_position ON ledger.events (client_id, position) WHERE position IS NOT NULL;
 ALTER SEQUENCE ledger.events_seq OWNED BY ledger.events.seq;
 CREATE INDEX events_unsequenced ON ledger.events (client_id, seq) WHERE position IS NULL;
 
@@ -56,20 +57,31 @@ CREATE TABLE ledger.webhook_deliveries (
 CREATE INDEX webhook_deliveries_due ON ledger.webhook_deliveries (next_attempt_at) WHERE NOT failed;
 
 -- The one way events are written: the events, then one delivery per enabled webhook that wants their type.
+-- PL/pgSQL, so that its plans are kept per connection (a SQL function's are made again at every call), and the
+-- fan-out runs only for a client that has an enabled webhook.
 CREATE FUNCTION ledger.append_events(p_client text, p_type text, p_subjects text[], p_data text[]) RETURNS void
-LANGUAGE sql
-AS $$
-WITH appended AS (
-    INSERT INTO ledger.events (client_id, type, subject, data)
-    SELECT p_client, p_type, x.subject, x.data
-    FROM unnest(p_subjects, p_data) WITH ORDINALITY AS x(subject, data, n)
-    ORDER BY x.n
-    RETURNING seq
-)
-INSERT INTO ledger.webhook_deliveries (client_id, webhook_id, event_seq)
-SELECT p_client, w.id, a.seq
-FROM ledger.webhooks w CROSS JOIN appended a
-WHERE w.client_id = p_client AND w.enabled AND (cardinality(w.types) = 0 OR p_type = ANY (w.types))
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_seqs bigint[];
+BEGIN
+    IF p_subjects IS NULL THEN
+        RETURN;
+    END IF;
+    WITH appended AS (
+        INSERT INTO ledger.events (client_id, type, subject, data)
+        SELECT p_client, p_type, x.subject, x.data
+        FROM unnest(p_subjects, p_data) WITH ORDINALITY AS x(subject, data, n)
+        ORDER BY x.n
+        RETURNING seq
+    )
+    SELECT array_agg(a.seq) INTO v_seqs FROM appended a;
+    IF EXISTS (SELECT 1 FROM ledger.webhooks w WHERE w.client_id = p_client AND w.enabled) THEN
+        INSERT INTO ledger.webhook_deliveries (client_id, webhook_id, event_seq)
+        SELECT p_client, w.id, s.seq
+        FROM ledger.webhooks w CROSS JOIN unnest(v_seqs) AS s(seq)
+        WHERE w.client_id = p_client AND w.enabled AND (cardinality(w.types) = 0 OR p_type = ANY (w.types));
+    END IF;
+END;
 $$;
 
 -- The API's JSON for an event (the body of a webhook delivery too).
