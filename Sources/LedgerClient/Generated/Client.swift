@@ -243,7 +243,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -273,7 +273,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.InternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -310,7 +310,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ServiceUnavailable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -418,7 +418,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -448,7 +448,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.InternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -517,7 +517,8 @@ public struct Client: APIProtocol {
                     let chosenContentType = try converter.bestContentType(
                         received: contentType,
                         options: [
-                            "application/yaml"
+                            "application/yaml",
+                            "text/yaml"
                         ]
                     )
                     switch chosenContentType {
@@ -527,6 +528,14 @@ public struct Client: APIProtocol {
                             from: responseBody,
                             transforming: { value in
                                 .yaml(value)
+                            }
+                        )
+                    case "text/yaml":
+                        body = try converter.getResponseBodyAsBinary(
+                            OpenAPIRuntime.HTTPBody.self,
+                            from: responseBody,
+                            transforming: { value in
+                                .textYaml(value)
                             }
                         )
                     default:
@@ -553,7 +562,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.GetOpenAPI.Output.NotFound.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -583,7 +592,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -613,7 +622,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.InternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -748,7 +757,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.GetAccount.Output.BadRequest.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -785,7 +794,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -815,7 +824,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.AccountNotFound.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -845,7 +854,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -875,7 +884,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.InternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -912,7 +921,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ServiceUnavailable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1061,7 +1070,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.PutAccount.Output.BadRequest.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1098,7 +1107,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1128,7 +1137,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.PutAccount.Output.Conflict.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1158,7 +1167,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1188,7 +1197,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.UnsupportedMediaType.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1218,7 +1227,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.InternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1255,7 +1264,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ServiceUnavailable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1379,7 +1388,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.ListEntries.Output.BadRequest.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1416,7 +1425,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1446,7 +1455,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.AccountNotFound.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1476,7 +1485,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1506,7 +1515,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.InternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1543,7 +1552,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ServiceUnavailable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1675,7 +1684,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.ListAccountHolds.Output.BadRequest.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1712,7 +1721,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1742,7 +1751,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.AccountNotFound.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1772,7 +1781,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1802,7 +1811,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.InternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1839,7 +1848,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ServiceUnavailable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -1958,7 +1967,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.PostCredit.Output.Created.Body.JsonPayload.self,
+                            Components.Schemas.Transfer.self,
                             from: responseBody,
                             transforming: { value in
                                 .json(value)
@@ -1995,7 +2004,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.BadPostRequest.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2032,7 +2041,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2079,7 +2088,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostAccountNotFound.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2121,7 +2130,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.IdempotencyKeyInProgress.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2168,7 +2177,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.VersionMismatch.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2198,7 +2207,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2235,7 +2244,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostUnsupportedMediaType.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2282,7 +2291,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostUnprocessable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2319,7 +2328,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostInternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2361,7 +2370,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostServiceUnavailable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2481,7 +2490,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.PostDebit.Output.Created.Body.JsonPayload.self,
+                            Components.Schemas.Transfer.self,
                             from: responseBody,
                             transforming: { value in
                                 .json(value)
@@ -2518,7 +2527,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.BadPostRequest.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2555,7 +2564,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2602,7 +2611,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostAccountNotFound.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2644,7 +2653,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.IdempotencyKeyInProgress.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2691,7 +2700,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.VersionMismatch.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2721,7 +2730,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2758,7 +2767,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostUnsupportedMediaType.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2805,7 +2814,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostUnprocessable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2842,7 +2851,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostInternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -2884,7 +2893,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostServiceUnavailable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3004,7 +3013,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.PostTransfer.Output.Created.Body.JsonPayload.self,
+                            Components.Schemas.Transfer.self,
                             from: responseBody,
                             transforming: { value in
                                 .json(value)
@@ -3041,7 +3050,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.PostTransfer.Output.BadRequest.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3078,7 +3087,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3125,7 +3134,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostAccountNotFound.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3167,7 +3176,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.IdempotencyKeyInProgress.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3214,7 +3223,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.VersionMismatch.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3244,7 +3253,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3281,7 +3290,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostUnsupportedMediaType.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3328,7 +3337,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostUnprocessable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3365,7 +3374,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostInternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3407,7 +3416,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostServiceUnavailable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3567,7 +3576,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.PostTransferBatch.Output.BadRequest.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3604,7 +3613,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3651,7 +3660,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostAccountNotFound.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3693,7 +3702,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.IdempotencyKeyInProgress.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3723,7 +3732,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3760,7 +3769,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostUnsupportedMediaType.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3807,7 +3816,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostUnprocessable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3844,7 +3853,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostInternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -3886,7 +3895,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostServiceUnavailable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4000,7 +4009,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4030,7 +4039,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.GetTransfer.Output.NotFound.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4060,7 +4069,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4090,7 +4099,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.InternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4127,7 +4136,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ServiceUnavailable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4287,7 +4296,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.BadAmendRequest.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4324,7 +4333,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4371,7 +4380,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.PostReversal.Output.NotFound.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4413,7 +4422,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.IdempotencyKeyInProgress.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4443,7 +4452,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4480,7 +4489,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostUnsupportedMediaType.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4527,7 +4536,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.PostReversal.Output.UnprocessableContent.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4564,7 +4573,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostInternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4606,7 +4615,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostServiceUnavailable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4765,7 +4774,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.PostHold.Output.BadRequest.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4802,7 +4811,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4849,7 +4858,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostAccountNotFound.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4891,7 +4900,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.IdempotencyKeyInProgress.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4938,7 +4947,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.VersionMismatch.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -4968,7 +4977,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5005,7 +5014,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostUnsupportedMediaType.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5052,7 +5061,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostUnprocessable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5089,7 +5098,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostInternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5131,7 +5140,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostServiceUnavailable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5247,7 +5256,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5277,7 +5286,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.GetHold.Output.NotFound.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5307,7 +5316,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5337,7 +5346,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.InternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5374,7 +5383,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ServiceUnavailable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5533,7 +5542,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.BadAmendRequest.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5570,7 +5579,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5617,7 +5626,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostHoldNotFound.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5659,7 +5668,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.IdempotencyKeyInProgress.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5689,7 +5698,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5726,7 +5735,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostUnsupportedMediaType.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5773,7 +5782,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.CaptureHold.Output.UnprocessableContent.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5810,7 +5819,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostInternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -5852,7 +5861,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostServiceUnavailable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -6007,7 +6016,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.VoidHold.Output.BadRequest.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -6044,7 +6053,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -6091,7 +6100,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostHoldNotFound.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -6133,7 +6142,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.IdempotencyKeyInProgress.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -6163,7 +6172,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -6200,7 +6209,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostUnsupportedMediaType.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -6247,7 +6256,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.VoidHold.Output.UnprocessableContent.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -6284,7 +6293,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostInternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -6326,7 +6335,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.PostServiceUnavailable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -6440,7 +6449,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.GetIdempotencyKey.Output.BadRequest.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -6477,7 +6486,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -6507,7 +6516,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Operations.GetIdempotencyKey.Output.NotFound.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -6537,7 +6546,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -6567,7 +6576,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.InternalError.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)
@@ -6604,7 +6613,7 @@ public struct Client: APIProtocol {
                     switch chosenContentType {
                     case "application/problem+json":
                         body = try await converter.getResponseBodyAsJSON(
-                            Components.Responses.ServiceUnavailable.Body.ApplicationProblemJsonPayload.self,
+                            Components.Schemas.Problem.self,
                             from: responseBody,
                             transforming: { value in
                                 .applicationProblemJson(value)

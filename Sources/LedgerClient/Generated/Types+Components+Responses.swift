@@ -50,63 +50,13 @@ extension Components {
             public var headers: Components.Responses.Unauthorized.Headers
             /// - Remark: Generated from `#/components/responses/Unauthorized/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/Unauthorized/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/Unauthorized/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/Unauthorized/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/Unauthorized/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/Unauthorized/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/Unauthorized/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/Unauthorized/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.Unauthorized.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -149,63 +99,13 @@ extension Components {
             public var headers: Components.Responses.AccountNotFound.Headers
             /// - Remark: Generated from `#/components/responses/AccountNotFound/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/AccountNotFound/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/AccountNotFound/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/AccountNotFound/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/AccountNotFound/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/AccountNotFound/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/AccountNotFound/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.AccountNotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.AccountNotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/AccountNotFound/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.AccountNotFound.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.AccountNotFound.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -248,63 +148,13 @@ extension Components {
             public var headers: Components.Responses.NotFound.Headers
             /// - Remark: Generated from `#/components/responses/NotFound/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/NotFound/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/NotFound/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/NotFound/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/NotFound/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/NotFound/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/NotFound/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.NotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.NotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/NotFound/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.NotFound.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.NotFound.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -356,63 +206,13 @@ extension Components {
             public var headers: Components.Responses.MethodNotAllowed.Headers
             /// - Remark: Generated from `#/components/responses/MethodNotAllowed/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/MethodNotAllowed/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/MethodNotAllowed/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/MethodNotAllowed/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/MethodNotAllowed/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/MethodNotAllowed/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/MethodNotAllowed/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.MethodNotAllowed.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.MethodNotAllowed.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/MethodNotAllowed/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.MethodNotAllowed.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.MethodNotAllowed.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -466,63 +266,13 @@ extension Components {
             public var headers: Components.Responses.BadPostRequest.Headers
             /// - Remark: Generated from `#/components/responses/BadPostRequest/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/BadPostRequest/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/BadPostRequest/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/BadPostRequest/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/BadPostRequest/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/BadPostRequest/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/BadPostRequest/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.BadPostRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.BadPostRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/BadPostRequest/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.BadPostRequest.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.BadPostRequest.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -598,63 +348,13 @@ extension Components {
             public var headers: Components.Responses.PostAccountNotFound.Headers
             /// - Remark: Generated from `#/components/responses/PostAccountNotFound/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/PostAccountNotFound/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/PostAccountNotFound/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/PostAccountNotFound/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/PostAccountNotFound/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/PostAccountNotFound/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/PostAccountNotFound/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.PostAccountNotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.PostAccountNotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/PostAccountNotFound/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.PostAccountNotFound.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.PostAccountNotFound.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -708,63 +408,13 @@ extension Components {
             public var headers: Components.Responses.BadAmendRequest.Headers
             /// - Remark: Generated from `#/components/responses/BadAmendRequest/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/BadAmendRequest/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/BadAmendRequest/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/BadAmendRequest/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/BadAmendRequest/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/BadAmendRequest/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/BadAmendRequest/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.BadAmendRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.BadAmendRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/BadAmendRequest/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.BadAmendRequest.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.BadAmendRequest.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -840,63 +490,13 @@ extension Components {
             public var headers: Components.Responses.PostHoldNotFound.Headers
             /// - Remark: Generated from `#/components/responses/PostHoldNotFound/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/PostHoldNotFound/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/PostHoldNotFound/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/PostHoldNotFound/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/PostHoldNotFound/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/PostHoldNotFound/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/PostHoldNotFound/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.PostHoldNotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.PostHoldNotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/PostHoldNotFound/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.PostHoldNotFound.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.PostHoldNotFound.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -972,69 +572,13 @@ extension Components {
             public var headers: Components.Responses.VersionMismatch.Headers
             /// - Remark: Generated from `#/components/responses/VersionMismatch/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/VersionMismatch/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/VersionMismatch/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/VersionMismatch/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/VersionMismatch/content/applicationProblemJson/value2/current_version`.
-                        public var currentVersion: Swift.Int64
-                        /// - Remark: Generated from `#/components/responses/VersionMismatch/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/VersionMismatch/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - currentVersion:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            currentVersion: Swift.Int64,
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.currentVersion = currentVersion
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case currentVersion = "current_version"
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/VersionMismatch/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.VersionMismatch.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.VersionMismatch.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/VersionMismatch/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.VersionMismatch.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.VersionMismatch.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -1095,63 +639,13 @@ extension Components {
             public var headers: Components.Responses.IdempotencyKeyInProgress.Headers
             /// - Remark: Generated from `#/components/responses/IdempotencyKeyInProgress/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/IdempotencyKeyInProgress/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/IdempotencyKeyInProgress/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/IdempotencyKeyInProgress/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/IdempotencyKeyInProgress/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/IdempotencyKeyInProgress/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/IdempotencyKeyInProgress/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.IdempotencyKeyInProgress.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.IdempotencyKeyInProgress.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/IdempotencyKeyInProgress/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.IdempotencyKeyInProgress.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.IdempotencyKeyInProgress.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -1226,63 +720,13 @@ extension Components {
             public var headers: Components.Responses.PostUnprocessable.Headers
             /// - Remark: Generated from `#/components/responses/PostUnprocessable/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/PostUnprocessable/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/PostUnprocessable/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/PostUnprocessable/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/PostUnprocessable/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/PostUnprocessable/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/PostUnprocessable/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.PostUnprocessable.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.PostUnprocessable.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/PostUnprocessable/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.PostUnprocessable.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.PostUnprocessable.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -1325,63 +769,13 @@ extension Components {
             public var headers: Components.Responses.ContentTooLarge.Headers
             /// - Remark: Generated from `#/components/responses/ContentTooLarge/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/ContentTooLarge/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/ContentTooLarge/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/ContentTooLarge/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/ContentTooLarge/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/ContentTooLarge/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/ContentTooLarge/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/ContentTooLarge/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.ContentTooLarge.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -1424,63 +818,13 @@ extension Components {
             public var headers: Components.Responses.UnsupportedMediaType.Headers
             /// - Remark: Generated from `#/components/responses/UnsupportedMediaType/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/UnsupportedMediaType/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/UnsupportedMediaType/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/UnsupportedMediaType/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/UnsupportedMediaType/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/UnsupportedMediaType/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/UnsupportedMediaType/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.UnsupportedMediaType.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.UnsupportedMediaType.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/UnsupportedMediaType/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.UnsupportedMediaType.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.UnsupportedMediaType.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -1523,63 +867,13 @@ extension Components {
             public var headers: Components.Responses.InternalError.Headers
             /// - Remark: Generated from `#/components/responses/InternalError/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/InternalError/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/InternalError/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/InternalError/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/InternalError/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/InternalError/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/InternalError/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.InternalError.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.InternalError.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/InternalError/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.InternalError.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.InternalError.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -1631,63 +925,13 @@ extension Components {
             public var headers: Components.Responses.ServiceUnavailable.Headers
             /// - Remark: Generated from `#/components/responses/ServiceUnavailable/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/ServiceUnavailable/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/ServiceUnavailable/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/ServiceUnavailable/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/ServiceUnavailable/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/ServiceUnavailable/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/ServiceUnavailable/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.ServiceUnavailable.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.ServiceUnavailable.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/ServiceUnavailable/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.ServiceUnavailable.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.ServiceUnavailable.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -1741,63 +985,13 @@ extension Components {
             public var headers: Components.Responses.PostUnsupportedMediaType.Headers
             /// - Remark: Generated from `#/components/responses/PostUnsupportedMediaType/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/PostUnsupportedMediaType/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/PostUnsupportedMediaType/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/PostUnsupportedMediaType/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/PostUnsupportedMediaType/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/PostUnsupportedMediaType/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/PostUnsupportedMediaType/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.PostUnsupportedMediaType.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.PostUnsupportedMediaType.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/PostUnsupportedMediaType/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.PostUnsupportedMediaType.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.PostUnsupportedMediaType.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -1851,63 +1045,13 @@ extension Components {
             public var headers: Components.Responses.PostInternalError.Headers
             /// - Remark: Generated from `#/components/responses/PostInternalError/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/PostInternalError/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/PostInternalError/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/PostInternalError/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/PostInternalError/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/PostInternalError/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/PostInternalError/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.PostInternalError.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.PostInternalError.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/PostInternalError/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.PostInternalError.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.PostInternalError.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):
@@ -1968,63 +1112,13 @@ extension Components {
             public var headers: Components.Responses.PostServiceUnavailable.Headers
             /// - Remark: Generated from `#/components/responses/PostServiceUnavailable/content`.
             @frozen public enum Body: Sendable, Hashable {
-                /// - Remark: Generated from `#/components/responses/PostServiceUnavailable/content/applicationProblemJson`.
-                public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                    /// - Remark: Generated from `#/components/responses/PostServiceUnavailable/content/applicationProblemJson/value1`.
-                    public var value1: Components.Schemas.Problem
-                    /// - Remark: Generated from `#/components/responses/PostServiceUnavailable/content/applicationProblemJson/value2`.
-                    public struct Value2Payload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/components/responses/PostServiceUnavailable/content/applicationProblemJson/value2/status`.
-                        public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// - Remark: Generated from `#/components/responses/PostServiceUnavailable/content/applicationProblemJson/value2/code`.
-                        public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                        /// Creates a new `Value2Payload`.
-                        ///
-                        /// - Parameters:
-                        ///   - status:
-                        ///   - code:
-                        public init(
-                            status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                            code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                        ) {
-                            self.status = status
-                            self.code = code
-                        }
-                        public enum CodingKeys: String, CodingKey {
-                            case status
-                            case code
-                        }
-                    }
-                    /// - Remark: Generated from `#/components/responses/PostServiceUnavailable/content/applicationProblemJson/value2`.
-                    public var value2: Components.Responses.PostServiceUnavailable.Body.ApplicationProblemJsonPayload.Value2Payload
-                    /// Creates a new `ApplicationProblemJsonPayload`.
-                    ///
-                    /// - Parameters:
-                    ///   - value1:
-                    ///   - value2:
-                    public init(
-                        value1: Components.Schemas.Problem,
-                        value2: Components.Responses.PostServiceUnavailable.Body.ApplicationProblemJsonPayload.Value2Payload
-                    ) {
-                        self.value1 = value1
-                        self.value2 = value2
-                    }
-                    public init(from decoder: any Swift.Decoder) throws {
-                        self.value1 = try .init(from: decoder)
-                        self.value2 = try .init(from: decoder)
-                    }
-                    public func encode(to encoder: any Swift.Encoder) throws {
-                        try self.value1.encode(to: encoder)
-                        try self.value2.encode(to: encoder)
-                    }
-                }
                 /// - Remark: Generated from `#/components/responses/PostServiceUnavailable/content/application\/problem+json`.
-                case applicationProblemJson(Components.Responses.PostServiceUnavailable.Body.ApplicationProblemJsonPayload)
+                case applicationProblemJson(Components.Schemas.Problem)
                 /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                 ///
                 /// - Throws: An error if `self` is not `.applicationProblemJson`.
                 /// - SeeAlso: `.applicationProblemJson`.
-                public var applicationProblemJson: Components.Responses.PostServiceUnavailable.Body.ApplicationProblemJsonPayload {
+                public var applicationProblemJson: Components.Schemas.Problem {
                     get throws {
                         switch self {
                         case let .applicationProblemJson(body):

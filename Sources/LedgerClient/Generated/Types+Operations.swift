@@ -508,6 +508,30 @@ public enum Operations {
                             switch self {
                             case let .yaml(body):
                                 return body
+                            default:
+                                try throwUnexpectedResponseBody(
+                                    expectedContent: "application/yaml",
+                                    body: self
+                                )
+                            }
+                        }
+                    }
+                    /// - Remark: Generated from `#/paths/openapi.yaml/GET/responses/200/content/text\/yaml`.
+                    case textYaml(OpenAPIRuntime.HTTPBody)
+                    /// The associated value of the enum case if `self` is `.textYaml`.
+                    ///
+                    /// - Throws: An error if `self` is not `.textYaml`.
+                    /// - SeeAlso: `.textYaml`.
+                    public var textYaml: OpenAPIRuntime.HTTPBody {
+                        get throws {
+                            switch self {
+                            case let .textYaml(body):
+                                return body
+                            default:
+                                try throwUnexpectedResponseBody(
+                                    expectedContent: "text/yaml",
+                                    body: self
+                                )
                             }
                         }
                     }
@@ -569,63 +593,13 @@ public enum Operations {
                 public var headers: Operations.GetOpenAPI.Output.NotFound.Headers
                 /// - Remark: Generated from `#/paths/openapi.yaml/GET/responses/404/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/openapi.yaml/GET/responses/404/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/openapi.yaml/GET/responses/404/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/openapi.yaml/GET/responses/404/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/openapi.yaml/GET/responses/404/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/openapi.yaml/GET/responses/404/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/openapi.yaml/GET/responses/404/content/applicationProblemJson/value2`.
-                        public var value2: Operations.GetOpenAPI.Output.NotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.GetOpenAPI.Output.NotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/openapi.yaml/GET/responses/404/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.GetOpenAPI.Output.NotFound.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.GetOpenAPI.Output.NotFound.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -725,12 +699,15 @@ public enum Operations {
         }
         @frozen public enum AcceptableContentType: AcceptableProtocol {
             case yaml
+            case textYaml
             case applicationProblemJson
             case other(Swift.String)
             public init?(rawValue: Swift.String) {
                 switch rawValue.lowercased() {
                 case "application/yaml":
                     self = .yaml
+                case "text/yaml":
+                    self = .textYaml
                 case "application/problem+json":
                     self = .applicationProblemJson
                 default:
@@ -743,6 +720,8 @@ public enum Operations {
                     return string
                 case .yaml:
                     return "application/yaml"
+                case .textYaml:
+                    return "text/yaml"
                 case .applicationProblemJson:
                     return "application/problem+json"
                 }
@@ -750,6 +729,7 @@ public enum Operations {
             public static var allCases: [Self] {
                 [
                     .yaml,
+                    .textYaml,
                     .applicationProblemJson
                 ]
             }
@@ -987,63 +967,13 @@ public enum Operations {
                 public var headers: Operations.GetAccount.Output.BadRequest.Headers
                 /// - Remark: Generated from `#/paths/v1/accounts/{id}/GET/responses/400/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/accounts/{id}/GET/responses/400/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/accounts/{id}/GET/responses/400/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/accounts/{id}/GET/responses/400/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/accounts/{id}/GET/responses/400/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/accounts/{id}/GET/responses/400/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/accounts/{id}/GET/responses/400/content/applicationProblemJson/value2`.
-                        public var value2: Operations.GetAccount.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.GetAccount.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/accounts/{id}/GET/responses/400/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.GetAccount.Output.BadRequest.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.GetAccount.Output.BadRequest.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -1482,63 +1412,13 @@ public enum Operations {
                 public var headers: Operations.PutAccount.Output.BadRequest.Headers
                 /// - Remark: Generated from `#/paths/v1/accounts/{id}/PUT/responses/400/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/accounts/{id}/PUT/responses/400/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/accounts/{id}/PUT/responses/400/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/accounts/{id}/PUT/responses/400/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/accounts/{id}/PUT/responses/400/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/accounts/{id}/PUT/responses/400/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/accounts/{id}/PUT/responses/400/content/applicationProblemJson/value2`.
-                        public var value2: Operations.PutAccount.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.PutAccount.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/accounts/{id}/PUT/responses/400/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.PutAccount.Output.BadRequest.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.PutAccount.Output.BadRequest.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -1629,63 +1509,13 @@ public enum Operations {
                 public var headers: Operations.PutAccount.Output.Conflict.Headers
                 /// - Remark: Generated from `#/paths/v1/accounts/{id}/PUT/responses/409/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/accounts/{id}/PUT/responses/409/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/accounts/{id}/PUT/responses/409/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/accounts/{id}/PUT/responses/409/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/accounts/{id}/PUT/responses/409/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/accounts/{id}/PUT/responses/409/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/accounts/{id}/PUT/responses/409/content/applicationProblemJson/value2`.
-                        public var value2: Operations.PutAccount.Output.Conflict.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.PutAccount.Output.Conflict.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/accounts/{id}/PUT/responses/409/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.PutAccount.Output.Conflict.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.PutAccount.Output.Conflict.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -2054,63 +1884,13 @@ public enum Operations {
                 public var headers: Operations.ListEntries.Output.BadRequest.Headers
                 /// - Remark: Generated from `#/paths/v1/accounts/{id}/entries/GET/responses/400/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/accounts/{id}/entries/GET/responses/400/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/accounts/{id}/entries/GET/responses/400/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/accounts/{id}/entries/GET/responses/400/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/accounts/{id}/entries/GET/responses/400/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/accounts/{id}/entries/GET/responses/400/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/accounts/{id}/entries/GET/responses/400/content/applicationProblemJson/value2`.
-                        public var value2: Operations.ListEntries.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.ListEntries.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/accounts/{id}/entries/GET/responses/400/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.ListEntries.Output.BadRequest.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.ListEntries.Output.BadRequest.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -2510,63 +2290,13 @@ public enum Operations {
                 public var headers: Operations.ListAccountHolds.Output.BadRequest.Headers
                 /// - Remark: Generated from `#/paths/v1/accounts/{id}/holds/GET/responses/400/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/accounts/{id}/holds/GET/responses/400/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/accounts/{id}/holds/GET/responses/400/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/accounts/{id}/holds/GET/responses/400/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/accounts/{id}/holds/GET/responses/400/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/accounts/{id}/holds/GET/responses/400/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/accounts/{id}/holds/GET/responses/400/content/applicationProblemJson/value2`.
-                        public var value2: Operations.ListAccountHolds.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.ListAccountHolds.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/accounts/{id}/holds/GET/responses/400/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.ListAccountHolds.Output.BadRequest.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.ListAccountHolds.Output.BadRequest.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -2916,63 +2646,13 @@ public enum Operations {
                 public var headers: Operations.PostCredit.Output.Created.Headers
                 /// - Remark: Generated from `#/paths/v1/credits/POST/responses/201/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/credits/POST/responses/201/content/json`.
-                    public struct JsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/credits/POST/responses/201/content/json/value1`.
-                        public var value1: Components.Schemas.Transfer
-                        /// - Remark: Generated from `#/paths/v1/credits/POST/responses/201/content/json/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/credits/POST/responses/201/content/json/value2/from`.
-                            public var from: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/credits/POST/responses/201/content/json/value2/to`.
-                            public var to: Components.Schemas.AccountId?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - from:
-                            ///   - to:
-                            public init(
-                                from: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                to: Components.Schemas.AccountId? = nil
-                            ) {
-                                self.from = from
-                                self.to = to
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case from
-                                case to
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/credits/POST/responses/201/content/json/value2`.
-                        public var value2: Operations.PostCredit.Output.Created.Body.JsonPayload.Value2Payload
-                        /// Creates a new `JsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Transfer,
-                            value2: Operations.PostCredit.Output.Created.Body.JsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/credits/POST/responses/201/content/application\/json`.
-                    case json(Operations.PostCredit.Output.Created.Body.JsonPayload)
+                    case json(Components.Schemas.Transfer)
                     /// The associated value of the enum case if `self` is `.json`.
                     ///
                     /// - Throws: An error if `self` is not `.json`.
                     /// - SeeAlso: `.json`.
-                    public var json: Operations.PostCredit.Output.Created.Body.JsonPayload {
+                    public var json: Components.Schemas.Transfer {
                         get throws {
                             switch self {
                             case let .json(body):
@@ -3454,63 +3134,13 @@ public enum Operations {
                 public var headers: Operations.PostDebit.Output.Created.Headers
                 /// - Remark: Generated from `#/paths/v1/debits/POST/responses/201/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/debits/POST/responses/201/content/json`.
-                    public struct JsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/debits/POST/responses/201/content/json/value1`.
-                        public var value1: Components.Schemas.Transfer
-                        /// - Remark: Generated from `#/paths/v1/debits/POST/responses/201/content/json/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/debits/POST/responses/201/content/json/value2/from`.
-                            public var from: Components.Schemas.AccountId?
-                            /// - Remark: Generated from `#/paths/v1/debits/POST/responses/201/content/json/value2/to`.
-                            public var to: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - from:
-                            ///   - to:
-                            public init(
-                                from: Components.Schemas.AccountId? = nil,
-                                to: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.from = from
-                                self.to = to
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case from
-                                case to
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/debits/POST/responses/201/content/json/value2`.
-                        public var value2: Operations.PostDebit.Output.Created.Body.JsonPayload.Value2Payload
-                        /// Creates a new `JsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Transfer,
-                            value2: Operations.PostDebit.Output.Created.Body.JsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/debits/POST/responses/201/content/application\/json`.
-                    case json(Operations.PostDebit.Output.Created.Body.JsonPayload)
+                    case json(Components.Schemas.Transfer)
                     /// The associated value of the enum case if `self` is `.json`.
                     ///
                     /// - Throws: An error if `self` is not `.json`.
                     /// - SeeAlso: `.json`.
-                    public var json: Operations.PostDebit.Output.Created.Body.JsonPayload {
+                    public var json: Components.Schemas.Transfer {
                         get throws {
                             switch self {
                             case let .json(body):
@@ -3992,63 +3622,13 @@ public enum Operations {
                 public var headers: Operations.PostTransfer.Output.Created.Headers
                 /// - Remark: Generated from `#/paths/v1/transfers/POST/responses/201/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/transfers/POST/responses/201/content/json`.
-                    public struct JsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/transfers/POST/responses/201/content/json/value1`.
-                        public var value1: Components.Schemas.Transfer
-                        /// - Remark: Generated from `#/paths/v1/transfers/POST/responses/201/content/json/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/transfers/POST/responses/201/content/json/value2/from`.
-                            public var from: Components.Schemas.AccountId?
-                            /// - Remark: Generated from `#/paths/v1/transfers/POST/responses/201/content/json/value2/to`.
-                            public var to: Components.Schemas.AccountId?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - from:
-                            ///   - to:
-                            public init(
-                                from: Components.Schemas.AccountId? = nil,
-                                to: Components.Schemas.AccountId? = nil
-                            ) {
-                                self.from = from
-                                self.to = to
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case from
-                                case to
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/transfers/POST/responses/201/content/json/value2`.
-                        public var value2: Operations.PostTransfer.Output.Created.Body.JsonPayload.Value2Payload
-                        /// Creates a new `JsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Transfer,
-                            value2: Operations.PostTransfer.Output.Created.Body.JsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/transfers/POST/responses/201/content/application\/json`.
-                    case json(Operations.PostTransfer.Output.Created.Body.JsonPayload)
+                    case json(Components.Schemas.Transfer)
                     /// The associated value of the enum case if `self` is `.json`.
                     ///
                     /// - Throws: An error if `self` is not `.json`.
                     /// - SeeAlso: `.json`.
-                    public var json: Operations.PostTransfer.Output.Created.Body.JsonPayload {
+                    public var json: Components.Schemas.Transfer {
                         get throws {
                             switch self {
                             case let .json(body):
@@ -4125,63 +3705,13 @@ public enum Operations {
                 public var headers: Operations.PostTransfer.Output.BadRequest.Headers
                 /// - Remark: Generated from `#/paths/v1/transfers/POST/responses/400/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/transfers/POST/responses/400/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/transfers/POST/responses/400/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/transfers/POST/responses/400/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/transfers/POST/responses/400/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/transfers/POST/responses/400/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/transfers/POST/responses/400/content/applicationProblemJson/value2`.
-                        public var value2: Operations.PostTransfer.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.PostTransfer.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/transfers/POST/responses/400/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.PostTransfer.Output.BadRequest.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.PostTransfer.Output.BadRequest.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -4715,63 +4245,13 @@ public enum Operations {
                 public var headers: Operations.PostTransferBatch.Output.BadRequest.Headers
                 /// - Remark: Generated from `#/paths/v1/transfers/batch/POST/responses/400/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/transfers/batch/POST/responses/400/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/transfers/batch/POST/responses/400/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/transfers/batch/POST/responses/400/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/transfers/batch/POST/responses/400/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/transfers/batch/POST/responses/400/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/transfers/batch/POST/responses/400/content/applicationProblemJson/value2`.
-                        public var value2: Operations.PostTransferBatch.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.PostTransferBatch.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/transfers/batch/POST/responses/400/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.PostTransferBatch.Output.BadRequest.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.PostTransferBatch.Output.BadRequest.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -5230,63 +4710,13 @@ public enum Operations {
                 public var headers: Operations.GetTransfer.Output.NotFound.Headers
                 /// - Remark: Generated from `#/paths/v1/transfers/{id}/GET/responses/404/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/transfers/{id}/GET/responses/404/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/transfers/{id}/GET/responses/404/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/transfers/{id}/GET/responses/404/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/transfers/{id}/GET/responses/404/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/transfers/{id}/GET/responses/404/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/transfers/{id}/GET/responses/404/content/applicationProblemJson/value2`.
-                        public var value2: Operations.GetTransfer.Output.NotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.GetTransfer.Output.NotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/transfers/{id}/GET/responses/404/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.GetTransfer.Output.NotFound.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.GetTransfer.Output.NotFound.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -5752,63 +5182,13 @@ public enum Operations {
                 public var headers: Operations.PostReversal.Output.NotFound.Headers
                 /// - Remark: Generated from `#/paths/v1/transfers/{id}/reversals/POST/responses/404/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/transfers/{id}/reversals/POST/responses/404/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/transfers/{id}/reversals/POST/responses/404/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/transfers/{id}/reversals/POST/responses/404/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/transfers/{id}/reversals/POST/responses/404/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/transfers/{id}/reversals/POST/responses/404/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/transfers/{id}/reversals/POST/responses/404/content/applicationProblemJson/value2`.
-                        public var value2: Operations.PostReversal.Output.NotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.PostReversal.Output.NotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/transfers/{id}/reversals/POST/responses/404/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.PostReversal.Output.NotFound.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.PostReversal.Output.NotFound.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -5981,63 +5361,13 @@ public enum Operations {
                 public var headers: Operations.PostReversal.Output.UnprocessableContent.Headers
                 /// - Remark: Generated from `#/paths/v1/transfers/{id}/reversals/POST/responses/422/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/transfers/{id}/reversals/POST/responses/422/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/transfers/{id}/reversals/POST/responses/422/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/transfers/{id}/reversals/POST/responses/422/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/transfers/{id}/reversals/POST/responses/422/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/transfers/{id}/reversals/POST/responses/422/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/transfers/{id}/reversals/POST/responses/422/content/applicationProblemJson/value2`.
-                        public var value2: Operations.PostReversal.Output.UnprocessableContent.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.PostReversal.Output.UnprocessableContent.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/transfers/{id}/reversals/POST/responses/422/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.PostReversal.Output.UnprocessableContent.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.PostReversal.Output.UnprocessableContent.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -6405,63 +5735,13 @@ public enum Operations {
                 public var headers: Operations.PostHold.Output.BadRequest.Headers
                 /// - Remark: Generated from `#/paths/v1/holds/POST/responses/400/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/holds/POST/responses/400/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/holds/POST/responses/400/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/holds/POST/responses/400/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/holds/POST/responses/400/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/holds/POST/responses/400/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/holds/POST/responses/400/content/applicationProblemJson/value2`.
-                        public var value2: Operations.PostHold.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.PostHold.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/holds/POST/responses/400/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.PostHold.Output.BadRequest.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.PostHold.Output.BadRequest.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -6950,63 +6230,13 @@ public enum Operations {
                 public var headers: Operations.GetHold.Output.NotFound.Headers
                 /// - Remark: Generated from `#/paths/v1/holds/{id}/GET/responses/404/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/holds/{id}/GET/responses/404/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/holds/{id}/GET/responses/404/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/holds/{id}/GET/responses/404/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/holds/{id}/GET/responses/404/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/holds/{id}/GET/responses/404/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/holds/{id}/GET/responses/404/content/applicationProblemJson/value2`.
-                        public var value2: Operations.GetHold.Output.NotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.GetHold.Output.NotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/holds/{id}/GET/responses/404/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.GetHold.Output.NotFound.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.GetHold.Output.NotFound.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -7570,63 +6800,13 @@ public enum Operations {
                 public var headers: Operations.CaptureHold.Output.UnprocessableContent.Headers
                 /// - Remark: Generated from `#/paths/v1/holds/{id}/capture/POST/responses/422/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/holds/{id}/capture/POST/responses/422/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/holds/{id}/capture/POST/responses/422/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/holds/{id}/capture/POST/responses/422/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/holds/{id}/capture/POST/responses/422/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/holds/{id}/capture/POST/responses/422/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/holds/{id}/capture/POST/responses/422/content/applicationProblemJson/value2`.
-                        public var value2: Operations.CaptureHold.Output.UnprocessableContent.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.CaptureHold.Output.UnprocessableContent.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/holds/{id}/capture/POST/responses/422/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.CaptureHold.Output.UnprocessableContent.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.CaptureHold.Output.UnprocessableContent.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -7997,63 +7177,13 @@ public enum Operations {
                 public var headers: Operations.VoidHold.Output.BadRequest.Headers
                 /// - Remark: Generated from `#/paths/v1/holds/{id}/void/POST/responses/400/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/holds/{id}/void/POST/responses/400/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/holds/{id}/void/POST/responses/400/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/holds/{id}/void/POST/responses/400/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/holds/{id}/void/POST/responses/400/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/holds/{id}/void/POST/responses/400/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/holds/{id}/void/POST/responses/400/content/applicationProblemJson/value2`.
-                        public var value2: Operations.VoidHold.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.VoidHold.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/holds/{id}/void/POST/responses/400/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.VoidHold.Output.BadRequest.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.VoidHold.Output.BadRequest.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -8274,63 +7404,13 @@ public enum Operations {
                 public var headers: Operations.VoidHold.Output.UnprocessableContent.Headers
                 /// - Remark: Generated from `#/paths/v1/holds/{id}/void/POST/responses/422/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/holds/{id}/void/POST/responses/422/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/holds/{id}/void/POST/responses/422/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/holds/{id}/void/POST/responses/422/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/holds/{id}/void/POST/responses/422/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/holds/{id}/void/POST/responses/422/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/holds/{id}/void/POST/responses/422/content/applicationProblemJson/value2`.
-                        public var value2: Operations.VoidHold.Output.UnprocessableContent.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.VoidHold.Output.UnprocessableContent.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/holds/{id}/void/POST/responses/422/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.VoidHold.Output.UnprocessableContent.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.VoidHold.Output.UnprocessableContent.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -8627,63 +7707,13 @@ public enum Operations {
                 public var headers: Operations.GetIdempotencyKey.Output.BadRequest.Headers
                 /// - Remark: Generated from `#/paths/v1/idempotency-keys/{key}/GET/responses/400/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/idempotency-keys/{key}/GET/responses/400/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/idempotency-keys/{key}/GET/responses/400/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/idempotency-keys/{key}/GET/responses/400/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/idempotency-keys/{key}/GET/responses/400/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/idempotency-keys/{key}/GET/responses/400/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/idempotency-keys/{key}/GET/responses/400/content/applicationProblemJson/value2`.
-                        public var value2: Operations.GetIdempotencyKey.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.GetIdempotencyKey.Output.BadRequest.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/idempotency-keys/{key}/GET/responses/400/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.GetIdempotencyKey.Output.BadRequest.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.GetIdempotencyKey.Output.BadRequest.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
@@ -8774,63 +7804,13 @@ public enum Operations {
                 public var headers: Operations.GetIdempotencyKey.Output.NotFound.Headers
                 /// - Remark: Generated from `#/paths/v1/idempotency-keys/{key}/GET/responses/404/content`.
                 @frozen public enum Body: Sendable, Hashable {
-                    /// - Remark: Generated from `#/paths/v1/idempotency-keys/{key}/GET/responses/404/content/applicationProblemJson`.
-                    public struct ApplicationProblemJsonPayload: Codable, Hashable, Sendable {
-                        /// - Remark: Generated from `#/paths/v1/idempotency-keys/{key}/GET/responses/404/content/applicationProblemJson/value1`.
-                        public var value1: Components.Schemas.Problem
-                        /// - Remark: Generated from `#/paths/v1/idempotency-keys/{key}/GET/responses/404/content/applicationProblemJson/value2`.
-                        public struct Value2Payload: Codable, Hashable, Sendable {
-                            /// - Remark: Generated from `#/paths/v1/idempotency-keys/{key}/GET/responses/404/content/applicationProblemJson/value2/status`.
-                            public var status: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// - Remark: Generated from `#/paths/v1/idempotency-keys/{key}/GET/responses/404/content/applicationProblemJson/value2/code`.
-                            public var code: OpenAPIRuntime.OpenAPIValueContainer?
-                            /// Creates a new `Value2Payload`.
-                            ///
-                            /// - Parameters:
-                            ///   - status:
-                            ///   - code:
-                            public init(
-                                status: OpenAPIRuntime.OpenAPIValueContainer? = nil,
-                                code: OpenAPIRuntime.OpenAPIValueContainer? = nil
-                            ) {
-                                self.status = status
-                                self.code = code
-                            }
-                            public enum CodingKeys: String, CodingKey {
-                                case status
-                                case code
-                            }
-                        }
-                        /// - Remark: Generated from `#/paths/v1/idempotency-keys/{key}/GET/responses/404/content/applicationProblemJson/value2`.
-                        public var value2: Operations.GetIdempotencyKey.Output.NotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                        /// Creates a new `ApplicationProblemJsonPayload`.
-                        ///
-                        /// - Parameters:
-                        ///   - value1:
-                        ///   - value2:
-                        public init(
-                            value1: Components.Schemas.Problem,
-                            value2: Operations.GetIdempotencyKey.Output.NotFound.Body.ApplicationProblemJsonPayload.Value2Payload
-                        ) {
-                            self.value1 = value1
-                            self.value2 = value2
-                        }
-                        public init(from decoder: any Swift.Decoder) throws {
-                            self.value1 = try .init(from: decoder)
-                            self.value2 = try .init(from: decoder)
-                        }
-                        public func encode(to encoder: any Swift.Encoder) throws {
-                            try self.value1.encode(to: encoder)
-                            try self.value2.encode(to: encoder)
-                        }
-                    }
                     /// - Remark: Generated from `#/paths/v1/idempotency-keys/{key}/GET/responses/404/content/application\/problem+json`.
-                    case applicationProblemJson(Operations.GetIdempotencyKey.Output.NotFound.Body.ApplicationProblemJsonPayload)
+                    case applicationProblemJson(Components.Schemas.Problem)
                     /// The associated value of the enum case if `self` is `.applicationProblemJson`.
                     ///
                     /// - Throws: An error if `self` is not `.applicationProblemJson`.
                     /// - SeeAlso: `.applicationProblemJson`.
-                    public var applicationProblemJson: Operations.GetIdempotencyKey.Output.NotFound.Body.ApplicationProblemJsonPayload {
+                    public var applicationProblemJson: Components.Schemas.Problem {
                         get throws {
                             switch self {
                             case let .applicationProblemJson(body):
