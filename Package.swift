@@ -5,6 +5,7 @@
 //   CLibPQ -> PostgresClient -> LedgerStore <- LedgerCore (pure domain, no I/O)
 //   LedgerStore, LedgerCore -> LedgerHTTP (Hummingbird 2) -> ledger (the one executable)
 //   LedgerStore -> LedgerMaintenance (purge, hold sweep, webhook deliveries) -> ledger
+//   LedgerClient (HTTP client of the API, generated from openapi.yaml; nothing of the server) -> ledger
 // LedgerHTTP never sees PostgresClient: the store maps its errors into LedgerStoreError and reports pool statistics.
 // Every target lists each module it imports (MemberImportVisibility is on), so an import across layers shows here.
 import PackageDescription
@@ -19,6 +20,8 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "ledger", targets: ["ledger"]),
+        // For services that post money: `.product(name: "LedgerClient", package: "ledger")`.
+        .library(name: "LedgerClient", targets: ["LedgerClient"]),
     ],
     dependencies: [
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", exact: "2.28.1"),
@@ -31,6 +34,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
+        // The client: the runtime of the code swift-openapi-generator made from openapi.yaml, and its transport.
+        .package(url: "https://github.com/apple/swift-openapi-runtime.git", from: "1.13.4"),
+        .package(url: "https://github.com/swift-server/swift-openapi-async-http-client.git", from: "1.5.0"),
         .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
     ],
     targets: [
@@ -117,6 +123,20 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // A client of the HTTP API for services that post money: typed calls generated from the served description
+        // (Generated/, made by scripts/openapi-client; the build runs no generator), a retry policy that resends the
+        // same key and bytes, and typed problems. It knows nothing of the server's targets.
+        .target(
+            name: "LedgerClient",
+            dependencies: [
+                .product(name: "OpenAPIRuntime", package: "swift-openapi-runtime"),
+                .product(name: "OpenAPIAsyncHTTPClient", package: "swift-openapi-async-http-client"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         .executableTarget(
             name: "ledger",
             dependencies: [
@@ -125,6 +145,7 @@ let package = Package(
                 "LedgerMaintenance",
                 "LedgerStore",
                 "LedgerCore",
+                "LedgerClient",
                 // The executable opens the pool the store runs on: the one place above the store that may.
                 "PostgresClient",
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -150,6 +171,10 @@ let package = Package(
             name: "PostgresClientTests", dependencies: ["PostgresClient", "LedgerTestSupport"],
             swiftSettings: swiftSettings),
         .testTarget(name: "LedgerCoreTests", dependencies: ["LedgerCore"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "LedgerClientTests",
+            dependencies: ["LedgerClient", .product(name: "HTTPTypes", package: "swift-http-types")],
+            swiftSettings: swiftSettings),
         .testTarget(
             name: "LedgerHTTPTests",
             dependencies: ["LedgerHTTP", "LedgerCore", .product(name: "HTTPTypes", package: "swift-http-types")],

@@ -20,7 +20,7 @@ extension LedgerAPI {
     func openAPI(_ call: RouteCall) throws -> Response {
         guard let document = OpenAPIDocument.yaml else { throw Problem.notFound() }
         var headers: HTTPFields = [:]
-        headers[.contentType] = "application/yaml"
+        headers[.contentType] = OpenAPIDocument.mediaType(accepting: call.request.headers[values: .accept])
         return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(string: document)))
     }
 }

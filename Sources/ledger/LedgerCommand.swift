@@ -14,7 +14,10 @@ struct LedgerCommand: AsyncParsableCommand {
         commandName: "ledger",
         abstract: "An idempotent, double-entry wallet service on PostgreSQL.",
         version: ledgerVersion,
-        subcommands: [Serve.self, Migrate.self, Token.self, Verify.self, Purge.self, Routes.self, Bench.self]
+        subcommands: [
+            Serve.self, Migrate.self, Token.self, Verify.self, Purge.self, Routes.self, Bench.self,
+            Credit.self, Debit.self, Transfer.self, Hold.self, Capture.self, VoidHold.self, Reverse.self,
+        ]
     )
 }
 
