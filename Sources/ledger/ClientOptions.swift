@@ -2,21 +2,14 @@ import ArgumentParser
 import Foundation
 import LedgerClient
 
-/// What every client command (`credit`, `debit`, `transfer`, `hold`, `capture`, `void`, `reverse`) shares: where
-/// the service is, the token, the operation's key and the retry policy. The exit code tells a script what happened:
-/// 0 a 2xx, 1 any other definitive answer (retrying the same request would get the same), 2 no definitive answer
-/// (retry later with the same key: it replays or executes once).
-struct ClientOptions: ParsableArguments {
+/// Where the service is, the token and the retry policy: what every client command shares (`credit`, ...,
+/// `reverse` and `events`).
+struct ConnectionOptions: ParsableArguments {
     @Option(name: .customLong("url"), help: "The service's base URL (env: LEDGER_URL; default: http://127.0.0.1:8080).")
     var url: String?
 
     @Option(name: .customLong("token"), help: "The bearer token (env: LEDGER_TOKEN).")
     var token: String?
-
-    @Option(
-        name: .customLong("idempotency-key"),
-        help: "The operation's key; pass the same one to retry by hand (default: a new random UUID, printed to standard error first).")
-    var idempotencyKey: String?
 
     @Option(name: .customLong("retry-base-ms"), help: "The first backoff bound, doubled at each retry.")
     var retryBaseMs: Int = 100
@@ -41,7 +34,6 @@ struct ClientOptions: ParsableArguments {
         guard timeoutS >= 1, attemptTimeoutS >= 1 else {
             throw ValidationError("--timeout-s and --attempt-timeout-s must be >= 1")
         }
-        if let idempotencyKey, idempotencyKey.isEmpty { throw ValidationError("--idempotency-key must not be empty") }
     }
 
     func baseURL() throws -> URL {
@@ -58,15 +50,38 @@ struct ClientOptions: ParsableArguments {
             attemptTimeoutS: attemptTimeoutS)
     }
 
+    /// A client that reports each retry on standard error.
+    func client() throws -> LedgerClient {
+        LedgerClient(url: try baseURL(), token: token ?? Environment.string("LEDGER_TOKEN"), policy: policy) {
+            ClientOptions.standardError(
+                "ledger: attempt \($0.attempt): \(ClientOptions.describe($0.failure)); retrying in \($0.waitMs) ms")
+        }
+    }
+}
+
+/// What every keyed client command (`credit`, `debit`, `transfer`, `hold`, `capture`, `void`, `reverse`) shares:
+/// the connection and the operation's key. The exit code tells a script what happened: 0 a 2xx, 1 any other
+/// definitive answer (retrying the same request would get the same), 2 no definitive answer (retry later with the
+/// same key: it replays or executes once).
+struct ClientOptions: ParsableArguments {
+    @OptionGroup var connection: ConnectionOptions
+
+    @Option(
+        name: .customLong("idempotency-key"),
+        help: "The operation's key; pass the same one to retry by hand (default: a new random UUID, printed to standard error first).")
+    var idempotencyKey: String?
+
+    func validate() throws {
+        if let idempotencyKey, idempotencyKey.isEmpty { throw ValidationError("--idempotency-key must not be empty") }
+    }
+
     /// Sends one call under the operation's key, retrying as the policy says; prints the final answer's body on
     /// standard output and exits 0, 1 or 2 (see the type's comment).
     func send<Output: Sendable>(_ call: (Client, String) async throws -> Output) async throws {
         let key = idempotencyKey ?? LedgerClient.newIdempotencyKey()
         // First, so that a person can retry by hand whatever happens next.
         Self.standardError("idempotency-key: \(key)")
-        let client = LedgerClient(url: try baseURL(), token: token ?? Environment.string("LEDGER_TOKEN"), policy: policy) {
-            Self.standardError("ledger: attempt \($0.attempt): \(Self.describe($0.failure)); retrying in \($0.waitMs) ms")
-        }
+        let client = try connection.client()
         let answer: LedgerAnswer
         do {
             answer = try await client.answer { try await call($0, key) }.answer

@@ -16,7 +16,7 @@ struct LedgerCommand: AsyncParsableCommand {
         version: ledgerVersion,
         subcommands: [
             Serve.self, Migrate.self, Token.self, Verify.self, Purge.self, Routes.self, Bench.self,
-            Credit.self, Debit.self, Transfer.self, Hold.self, Capture.self, VoidHold.self, Reverse.self,
+            Credit.self, Debit.self, Transfer.self, Hold.self, Capture.self, VoidHold.self, Reverse.self, Events.self,
         ]
     )
 }
