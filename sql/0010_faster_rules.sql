@@ -139,19 +139,20 @@ BEGIN
 
     -- 3. Lock every account in one pass, in one fixed order (byte order of the id), and read them. A `@world` not
     -- created in step 2 serves only items that fail or batches that write nothing: it reads as a new one.
-    WITH locked AS MATERIALIZED (
-        SELECT a.id, a.balance, a.version, a.allow_negative, a.held
-        FROM ledger.accounts a
-        WHERE a.client_id = p_client AND a.id = ANY (v_src || v_dst)
-        ORDER BY a.id COLLATE "C"
-        FOR UPDATE
-    )
-    SELECT array_agg(w.id), array_agg(coalesce(l.balance, 0)), array_agg(coalesce(l.version, 0)),
-           array_agg(coalesce(l.allow_negative, true)), array_agg(coalesce(l.held, 0))
+    SELECT array_agg(l.id), array_agg(l.balance), array_agg(l.version), array_agg(l.allow_negative), array_agg(l.held)
     INTO v_ids, v_balance, v_version, v_allow, v_held
-    FROM (SELECT DISTINCT x.id FROM unnest(v_src || v_dst) AS x(id)) w
-    LEFT JOIN locked l ON l.id = w.id
-    WHERE l.id IS NOT NULL OR starts_with(w.id, '@world:');
+    FROM (SELECT a.id, a.balance, a.version, a.allow_negative, a.held
+          FROM ledger.accounts a
+          WHERE a.client_id = p_client AND a.id = ANY (v_src || v_dst)
+          ORDER BY a.id COLLATE "C"
+          FOR UPDATE) l;
+    IF array_position(p_from, NULL) IS NOT NULL OR array_position(p_to, NULL) IS NOT NULL THEN
+        SELECT v_ids || array_agg(w.id), v_balance || array_agg(0::bigint), v_version || array_agg(0::bigint),
+               v_allow || array_agg(true), v_held || array_agg(0::bigint)
+        INTO v_ids, v_balance, v_version, v_allow, v_held
+        FROM (SELECT DISTINCT x.id FROM unnest(v_src || v_dst) AS x(id) WHERE starts_with(x.id, '@world:')) w
+        WHERE NOT (w.id = ANY (coalesce(v_ids, '{}')));
+    END IF;
 
     -- 3b. Holds of these payers past expires_at are expired for every later request: record that now, under the
     -- accounts' locks, so that the stored held stays exact. A due hold another transaction has locked (a capture or
@@ -180,11 +181,15 @@ BEGIN
                      AND h.expires_at <= now()
                    GROUP BY h.from_account) d ON d.from_account = x.id;
     END IF;
-    SELECT array_agg(f.at ORDER BY i.n), array_agg(t.at ORDER BY i.n)
-    INTO v_from_at, v_to_at
-    FROM unnest(v_src, v_dst) WITH ORDINALITY AS i(src, dst, n)
-    LEFT JOIN unnest(v_ids) WITH ORDINALITY AS f(id, at) ON f.id = i.src
-    LEFT JOIN unnest(v_ids) WITH ORDINALITY AS t(id, at) ON t.id = i.dst;
+    -- Each item's accounts as positions in v_ids: looked up in the loop for a few items (array_position), joined
+    -- once for many.
+    IF v_count > 32 THEN
+        SELECT array_agg(f.at ORDER BY i.n), array_agg(t.at ORDER BY i.n)
+        INTO v_from_at, v_to_at
+        FROM unnest(v_src, v_dst) WITH ORDINALITY AS i(src, dst, n)
+        LEFT JOIN unnest(v_ids) WITH ORDINALITY AS f(id, at) ON f.id = i.src
+        LEFT JOIN unnest(v_ids) WITH ORDINALITY AS t(id, at) ON t.id = i.dst;
+    END IF;
 
     -- 4. Item after item, in memory, under the locks.
     v_problem := array_fill(NULL::text, ARRAY[v_count]);
@@ -193,8 +198,8 @@ BEGIN
     v_from_bal := v_from_ver;
     v_to_bal := v_from_ver;
     FOR i IN 1 .. v_count LOOP
-        v_f := v_from_at[i];
-        v_t := v_to_at[i];
+        v_f := coalesce(v_from_at[i], array_position(v_ids, v_src[i]));
+        v_t := coalesce(v_to_at[i], array_position(v_ids, v_dst[i]));
         v_kind := coalesce(p_kind[i], 'move');
         v_amount := p_amount[i];
         IF v_missing[i] IS NOT NULL THEN
