@@ -158,7 +158,8 @@ public struct LoadGenerator: Sendable {
             for lane in 0..<options.connections {
                 let pool = replayPool[lane]
                 tasks.addTask {
-                    try await self.lane(lane, host: host, replayPool: pool, from: started, until: deadline, group: group)
+                    try await self.lane(
+                        lane, host: host, replayPool: pool, from: started, until: deadline, group: group)
                 }
             }
             var all: [Lane] = []

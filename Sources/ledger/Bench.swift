@@ -44,7 +44,9 @@ extension LedgerCommand {
                 throw ValidationError("batch-disjoint gives each connection accounts of its own: accounts must be at least 2 x connections")
             }
             guard (1...1_000).contains(batchSize) else { throw ValidationError("batch-size 1...1000") }
-            guard rate.map({ $0 > 0 && $0 <= 1_000_000 }) ?? true else { throw ValidationError("rate 0 < R <= 1000000") }
+            guard rate.map({ $0 > 0 && $0 <= 1_000_000 }) ?? true else {
+                throw ValidationError("rate 0 < R <= 1000000")
+            }
             guard (1...4_096).contains(connections), (1...3_600).contains(durationSeconds), (2...1_000_000).contains(accounts) else {
                 throw ValidationError("connections 1...4096, duration-s 1...3600, accounts 2...1000000")
             }
