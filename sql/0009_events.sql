@@ -1,4 +1,5 @@
--- 0009_events.sql: a gap-free feed of every change, and webhooks that push it.
+-- 0009_events.sql: a gap-free feed of every change, and webhooks that push it; and the money rules with less work
+-- per call (execute_movements writes in one statement; the keyed prelude reads once).
 --
 -- Every committed change appends its events in its own transaction (ledger.append_events, called by the rules
 -- after every lock they take). Positions in a client's feed are assigned after commit, in commit order, by
@@ -315,7 +316,8 @@ BEGIN
 END;
 $$;
 
--- The rules, now appending their events (step 3b: hold.expired; step 5: transfer.created).
+-- The rules, now appending their events (step 3b: hold.expired; step 5: transfer.created), with less work per call:
+-- one statement writes transfers, entries and balances; a lone transfer finds its accounts without a join.
 
 CREATE OR REPLACE FUNCTION ledger.execute_movements(
     p_client   text,
@@ -358,16 +360,13 @@ DECLARE
     v_to_ver    bigint[];
     v_from_bal  bigint[];
     v_to_bal    bigint[];
-    v_made_n    integer[];     -- the items made, their transfers' ids and JSON
-    v_made_id   bigint[];
-    v_made_body text[];
-    v_expired_id   text[];     -- holds this call records expired, and their JSON (hold.expired events)
-    v_expired_body text[];
     v_f         integer;
     v_t         integer;
     v_kind      text;
     v_amount    bigint;
     v_free      bigint;
+    v_expired_id   text[];     -- holds this call records expired, and their JSON (hold.expired events)
+    v_expired_body text[];
 BEGIN
     IF v_count = 0 THEN
         RETURN;
@@ -405,27 +404,26 @@ BEGIN
 
     -- 3. Lock every account in one pass, in one fixed order (byte order of the id), and read them. A `@world` not
     -- created in step 2 serves only items that fail or batches that write nothing: it reads as a new one.
-    WITH wanted AS (
-        SELECT DISTINCT x.id FROM unnest(v_src || v_dst) AS x(id)
-    ), locked AS MATERIALIZED (
-        SELECT a.id, a.balance, a.version, a.allow_negative, a.held
-        FROM ledger.accounts a
-        WHERE a.client_id = p_client AND a.id IN (SELECT w.id FROM wanted w)
-        ORDER BY a.id COLLATE "C"
-        FOR UPDATE
-    )
-    SELECT array_agg(w.id), array_agg(coalesce(l.balance, 0)), array_agg(coalesce(l.version, 0)),
-           array_agg(coalesce(l.allow_negative, true)), array_agg(coalesce(l.held, 0))
+    SELECT array_agg(l.id), array_agg(l.balance), array_agg(l.version), array_agg(l.allow_negative), array_agg(l.held)
     INTO v_ids, v_balance, v_version, v_allow, v_held
-    FROM wanted w
-    LEFT JOIN locked l ON l.id = w.id
-    WHERE l.id IS NOT NULL OR starts_with(w.id, '@world:');
+    FROM (SELECT a.id, a.balance, a.version, a.allow_negative, a.held
+          FROM ledger.accounts a
+          WHERE a.client_id = p_client AND a.id = ANY (v_src || v_dst)
+          ORDER BY a.id COLLATE "C"
+          FOR UPDATE) l;
+    IF array_position(p_from, NULL) IS NOT NULL OR array_position(p_to, NULL) IS NOT NULL THEN
+        SELECT v_ids || array_agg(w.id), v_balance || array_agg(0::bigint), v_version || array_agg(0::bigint),
+               v_allow || array_agg(true), v_held || array_agg(0::bigint)
+        INTO v_ids, v_balance, v_version, v_allow, v_held
+        FROM (SELECT DISTINCT x.id FROM unnest(v_src || v_dst) AS x(id) WHERE starts_with(x.id, '@world:')) w
+        WHERE NOT (w.id = ANY (coalesce(v_ids, '{}')));
+    END IF;
 
     -- 3b. Holds of these payers past expires_at are expired for every later request: record that now, under the
     -- accounts' locks, so that the stored held stays exact. A due hold another transaction has locked (a capture or
     -- void deciding it) is left pending for it, but no longer counts in available either.
     v_due := array_fill(0::bigint, ARRAY[coalesce(cardinality(v_ids), 0)]);
-    IF EXISTS (SELECT 1 FROM unnest(v_held) AS h(held) WHERE h.held > 0) THEN
+    IF 0 < ANY (v_held) THEN
         WITH due AS (
             SELECT h.id FROM ledger.holds h
             WHERE h.client_id = p_client AND h.from_account = ANY (v_ids) AND h.status = 'pending'
@@ -453,11 +451,15 @@ BEGIN
                      AND h.expires_at <= now()
                    GROUP BY h.from_account) d ON d.from_account = x.id;
     END IF;
-    SELECT array_agg(f.at ORDER BY i.n), array_agg(t.at ORDER BY i.n)
-    INTO v_from_at, v_to_at
-    FROM unnest(v_src, v_dst) WITH ORDINALITY AS i(src, dst, n)
-    LEFT JOIN unnest(v_ids) WITH ORDINALITY AS f(id, at) ON f.id = i.src
-    LEFT JOIN unnest(v_ids) WITH ORDINALITY AS t(id, at) ON t.id = i.dst;
+    -- Each item's accounts as positions in v_ids: looked up in the loop for a few items (array_position), joined
+    -- once for many.
+    IF v_count > 32 THEN
+        SELECT array_agg(f.at ORDER BY i.n), array_agg(t.at ORDER BY i.n)
+        INTO v_from_at, v_to_at
+        FROM unnest(v_src, v_dst) WITH ORDINALITY AS i(src, dst, n)
+        LEFT JOIN unnest(v_ids) WITH ORDINALITY AS f(id, at) ON f.id = i.src
+        LEFT JOIN unnest(v_ids) WITH ORDINALITY AS t(id, at) ON t.id = i.dst;
+    END IF;
 
     -- 4. Item after item, in memory, under the locks.
     v_problem := array_fill(NULL::text, ARRAY[v_count]);
@@ -466,8 +468,8 @@ BEGIN
     v_from_bal := v_from_ver;
     v_to_bal := v_from_ver;
     FOR i IN 1 .. v_count LOOP
-        v_f := v_from_at[i];
-        v_t := v_to_at[i];
+        v_f := coalesce(v_from_at[i], array_position(v_ids, v_src[i]));
+        v_t := coalesce(v_to_at[i], array_position(v_ids, v_dst[i]));
         v_kind := coalesce(p_kind[i], 'move');
         v_amount := p_amount[i];
         IF v_missing[i] IS NOT NULL THEN
@@ -518,7 +520,9 @@ BEGIN
         END IF;
     END LOOP;
 
-    -- 5. Write: the transfers and their entries in one statement, the accounts in another.
+    -- 5. Write, and answer, in one statement: the transfers, their entries, the accounts' new state, then one row
+    -- per item in order. (Data-modifying WITH queries always run to completion, read or not.)
+    RETURN QUERY
     WITH made AS (
         INSERT INTO ledger.transfers AS t
             (client_id, idempotency_key, request_sha256, from_account, to_account, amount, currency, metadata, batch_item,
@@ -541,21 +545,23 @@ BEGIN
         SELECT p_client, x.from_account, v_from_ver[x.n], x.id, -x.amount, v_from_bal[x.n], x.created_at FROM numbered x
         UNION ALL
         SELECT p_client, x.to_account, v_to_ver[x.n], x.id, x.amount, v_to_bal[x.n], x.created_at FROM numbered x
+    ), accounts AS (
+        UPDATE ledger.accounts a SET balance = u.balance, version = u.version, held = u.held + u.due
+        FROM unnest(v_ids, v_balance, v_version, v_held, v_due) AS u(id, balance, version, held, due)
+        WHERE a.client_id = p_client AND a.id = u.id AND (a.version <> u.version OR a.held <> u.held + u.due)
+    ), events AS (
+        -- One transfer.created per transfer made, in item order (ledger.append_events, 0009). A volatile call in a
+        -- WITH query runs once, and the join below makes sure it runs: one row, whatever was made.
+        SELECT ledger.append_events(p_client, 'transfer.created', array_agg(x.id::text ORDER BY x.n),
+                                    array_agg(x.body ORDER BY x.n)) AS appended
+        FROM numbered x
     )
-    SELECT array_agg(x.n ORDER BY x.n), array_agg(x.id ORDER BY x.n), array_agg(x.body ORDER BY x.n)
-    INTO v_made_n, v_made_id, v_made_body FROM numbered x;
-    PERFORM ledger.append_events(p_client, 'transfer.created', v_made_id::text[], v_made_body);
-
-    UPDATE ledger.accounts a SET balance = u.balance, version = u.version, held = u.held + u.due
-    FROM unnest(v_ids, v_balance, v_version, v_held, v_due) AS u(id, balance, version, held, due)
-    WHERE a.client_id = p_client AND a.id = u.id AND (a.version <> u.version OR a.held <> u.held + u.due);
-
-    RETURN QUERY
     SELECT x.n::integer, CASE WHEN x.problem IS NULL THEN CASE WHEN m.id IS NULL THEN 200 ELSE 201 END
                               ELSE ((x.problem::jsonb) ->> 'status')::integer END,
            m.id, x.problem, coalesce(m.body, x.problem)
     FROM unnest(v_problem) WITH ORDINALITY AS x(problem, n)
-    LEFT JOIN unnest(v_made_n, v_made_id, v_made_body) AS m(n, id, body) ON m.n = x.n
+    CROSS JOIN events
+    LEFT JOIN numbered m ON m.n = x.n
     ORDER BY x.n;
 END;
 $$;
@@ -859,3 +865,66 @@ COMMENT ON FUNCTION ledger.put_webhook(text, text, text, text[], boolean, bytea,
 COMMENT ON FUNCTION ledger.claim_deliveries(integer, integer, text[], text[], integer[], integer, integer) IS 'Claims due webhook deliveries of placed events for one attempt each (see the table comment).';
 COMMENT ON FUNCTION ledger.record_deliveries(text[], text[], bigint[], text[], bigint[], integer[], text[]) IS 'Records attempts: delivered (removed), retry (in next_in_ms), failed, gone (410: failed and the webhook disabled).';
 COMMENT ON FUNCTION ledger.put_account(text, text, text, boolean) IS 'PUT /v1/accounts/{id}: naturally idempotent account creation; a creation appends account.created.';
+
+-- Less work per keyed call: functions planned once per connection, the idempotency prelude in fewer reads.
+
+-- A LANGUAGE sql function that cannot be inlined is parsed and planned again for every statement that calls it (the
+-- plan lives as long as the calling expression: one transaction in PL/pgSQL). key_lock_id reads a table, so it is
+-- never inlined: in PL/pgSQL its statement is planned once per session.
+CREATE OR REPLACE FUNCTION ledger.key_lock_id(p_client text, p_key text) RETURNS bigint
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+AS $$
+BEGIN
+    RETURN (SELECT ('x' || encode(substr(sha256(k.key || convert_to(p_client, 'UTF8') || '\x00'::bytea
+                                                || convert_to(p_key, 'UTF8')), 1, 8), 'hex'))::bit(64)::bigint
+            FROM ledger.service_keys k WHERE k.name = 'key-lock');
+END;
+$$;
+
+-- request_line returned one record, which is never inlined either; as a set-returning SQL function of one row it is
+-- inlined into the statements that read it.
+DROP FUNCTION ledger.request_line(text);
+CREATE FUNCTION ledger.request_line(p_request text) RETURNS TABLE (method text, path text)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+SELECT nullif(split_part(split_part(p_request, E'\n', 1), ' ', 1), ''),
+       nullif(split_part(split_part(p_request, E'\n', 1), ' ', 2), '')
+$$;
+COMMENT ON FUNCTION ledger.request_line(text) IS 'The method and path of a request fingerprint (its first line), as stored beside an outcome: one row. A set-returning SQL function so that it is inlined where it is read.';
+
+-- The idempotency prelude of every lone keyed request. Most keys are new and nobody executes them: their lock is
+-- taken at once and one read follows, where 0008 read the key, took the lock, and read it again.
+CREATE OR REPLACE FUNCTION ledger.begin_keyed(p_client text, p_key text, p_sha bytea, p_key_wait_ms integer)
+RETURNS TABLE (outcome text, status_code integer, response_body text, created_at timestamptz)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(ledger.key_lock_id(p_client, p_key)) THEN
+        -- Held elsewhere: a completed key is answered without waiting, else wait for the lock (at most p_key_wait_ms).
+        RETURN QUERY SELECT * FROM ledger.stored_outcome(p_client, p_key, p_sha);
+        IF FOUND THEN
+            RETURN;
+        END IF;
+        IF NOT ledger.lock_key(p_client, p_key, p_key_wait_ms) THEN
+            RETURN QUERY SELECT 'in_progress', 409, NULL::text, NULL::timestamptz;
+            RETURN;
+        END IF;
+    END IF;
+    RETURN QUERY SELECT * FROM ledger.stored_outcome(p_client, p_key, p_sha);
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    -- Only a key whose stored answer was purged can have made something: two indexed probes tell, and only then is
+    -- what it made read and rendered.
+    IF EXISTS (SELECT 1 FROM ledger.transfers t WHERE t.client_id = p_client AND t.idempotency_key = p_key)
+       OR EXISTS (SELECT 1 FROM ledger.holds h
+                  WHERE h.client_id = p_client AND (h.idempotency_key = p_key OR h.finished_key = p_key)) THEN
+        RETURN QUERY SELECT * FROM ledger.purged_key_outcome(p_client, p_key, p_sha);
+    END IF;
+END;
+$$;
+
+
+
+
+COMMENT ON FUNCTION ledger.key_lock_id(text, text) IS 'The transaction-scoped advisory lock id of one (client, idempotency key): the first 8 bytes of SHA-256 over the service''s key-lock secret, the client and the key. Every execution of the key takes it (ledger.begin_keyed, ledger.lock_key, or tried by ledger.post_transfers); the key lookup tries it to tell in_progress. PL/pgSQL, not SQL: a SQL function that reads a table is not inlined and would be planned anew on every call.';
+COMMENT ON FUNCTION ledger.begin_keyed(text, text, bytea, integer) IS 'The idempotency prelude of every lone keyed request: replay or reused for a completed key, in_progress after p_key_wait_ms (0: at once), what a purged key made; no row: the caller executes under the key''s lock. The lock is tried first; only when another transaction holds it is the stored outcome read before waiting.';

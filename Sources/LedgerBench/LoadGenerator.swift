@@ -40,15 +40,22 @@ public struct LoadGenerator: Sendable {
         public var batchSize: Int
         /// A prefix for keys, unique per run so that runs never replay each other.
         public var runID: String
+        /// Open loop: requests per second in all, sent on a fixed schedule (the connections take turns), each timed
+        /// from when it was due rather than from when it went out, so that a stall shows in the latencies instead of
+        /// silently delaying the requests behind it (coordinated omission). nil: closed loop, each connection sends
+        /// its next request as soon as the answer to the last one arrived.
+        public var rate: Double?
 
         public init(
             host: String, port: Int, token: String, workload: Workload, connections: Int = 16,
             duration: Duration = .seconds(10), accounts: Int = 10_000, batchSize: Int = 1_000,
-            runID: String = UUID().uuidString
+            runID: String = UUID().uuidString, rate: Double? = nil
         ) {
             precondition(connections >= 1 && accounts >= 2, "need a connection and two accounts")
             precondition(workload != .batchDisjoint || accounts >= 2 * connections, "each connection needs two accounts of its own")
             precondition((1...1_000).contains(batchSize), "a batch holds 1 to 1000 transfers")
+            precondition(rate.map { $0 > 0 && $0.isFinite } ?? true, "the rate must be positive")
+            self.rate = rate
             self.batchSize = batchSize
             self.host = host
             self.port = port
@@ -74,6 +81,11 @@ public struct LoadGenerator: Sendable {
         public var p99Milliseconds: Double
         public var p999Milliseconds: Double
         public var maxMilliseconds: Double
+        /// The open-loop schedule, requests per second; nil for a closed-loop run.
+        public var rate: Double?
+        /// Open loop: requests that fell due before the end but were not sent by then (the service fell behind the
+        /// schedule: the rate is above what it can take).
+        public var missed = 0
 
         /// Transfers per second.
         public var perSecond: Double { Double(transfers) / seconds }
@@ -84,6 +96,7 @@ public struct LoadGenerator: Sendable {
             return "workload=\(workload.rawValue) connections=\(connections) seconds=\(fmt(seconds)) requests=\(requests) transfers=\(transfers) "
                 + "rate=\(fmt(perSecond))/s p50=\(fmt(p50Milliseconds))ms p99=\(fmt(p99Milliseconds))ms "
                 + "p99.9=\(fmt(p999Milliseconds))ms max=\(fmt(maxMilliseconds))ms replays=\(replays) errors=\(errorText)"
+                + (rate.map { " schedule=\(fmt($0))/s missed=\(missed)" } ?? "")
         }
     }
 
@@ -139,13 +152,14 @@ public struct LoadGenerator: Sendable {
         if options.workload == .replays {
             replayPool = try await makeReplayPool(group: group, host: host)
         }
-        let deadline = ContinuousClock.now + options.duration
         let started = ContinuousClock.now
+        let deadline = started + options.duration
         let lanes = try await withThrowingTaskGroup(of: Lane.self) { tasks in
             for lane in 0..<options.connections {
                 let pool = replayPool[lane]
                 tasks.addTask {
-                    try await self.lane(lane, host: host, replayPool: pool, until: deadline, group: group)
+                    try await self.lane(
+                        lane, host: host, replayPool: pool, from: started, until: deadline, group: group)
                 }
             }
             var all: [Lane] = []
@@ -170,7 +184,8 @@ public struct LoadGenerator: Sendable {
             requests: requests, transfers: options.workload.isBatch ? requests * options.batchSize : requests,
             errors: errors, replays: replays,
             p50Milliseconds: ms(histogram.valueAtPercentile(50)), p99Milliseconds: ms(histogram.valueAtPercentile(99)),
-            p999Milliseconds: ms(histogram.valueAtPercentile(99.9)), maxMilliseconds: ms(histogram.max))
+            p999Milliseconds: ms(histogram.valueAtPercentile(99.9)), maxMilliseconds: ms(histogram.max),
+            rate: options.rate, missed: lanes.reduce(0) { $0 + $1.missed })
     }
 
     struct Lane: Sendable {
@@ -178,20 +193,21 @@ public struct LoadGenerator: Sendable {
         var requests = 0
         var replays = 0
         var errors: [Int: Int] = [:]
+        var missed = 0
     }
 
     private func lane(
-        _ index: Int, host: String, replayPool: [BenchConnection.Request], until deadline: ContinuousClock.Instant,
-        group: any EventLoopGroup
+        _ index: Int, host: String, replayPool: [BenchConnection.Request], from start: ContinuousClock.Instant,
+        until deadline: ContinuousClock.Instant, group: any EventLoopGroup
     ) async throws -> Lane {
         try await BenchConnection.with(host: options.host, port: options.port, group: group) { connection in
-            try await lane(index, host: host, replayPool: replayPool, until: deadline, on: connection)
+            try await lane(index, host: host, replayPool: replayPool, from: start, until: deadline, on: connection)
         }
     }
 
     private func lane(
-        _ index: Int, host: String, replayPool: [BenchConnection.Request], until deadline: ContinuousClock.Instant,
-        on connection: BenchConnection
+        _ index: Int, host: String, replayPool: [BenchConnection.Request], from start: ContinuousClock.Instant,
+        until deadline: ContinuousClock.Instant, on connection: BenchConnection
     ) async throws -> Lane {
         var generator = SystemRandomNumberGenerator()
         var lane = Lane()
@@ -204,7 +220,26 @@ public struct LoadGenerator: Sendable {
             : 0..<options.accounts
         let batchBodies = options.workload.isBatch
             ? (0..<8).map { _ in batchBody(accounts: batchAccounts, using: &generator) } : []
-        while ContinuousClock.now < deadline {
+        while true {
+            // When this request is due: now (closed loop), or its turn on the open-loop schedule, where request k of
+            // connection i is the (k * connections + i)-th of the run.
+            var due = ContinuousClock.now
+            if let rate = options.rate {
+                let turn = Double(sequence * options.connections + index)
+                due = start + .nanoseconds(Int64((turn / rate * 1e9).rounded()))
+                if due >= deadline { break }
+                if due > ContinuousClock.now {
+                    try await Task.sleep(until: due, clock: .continuous)
+                } else if ContinuousClock.now >= deadline {
+                    // Behind at the end: what was still due is counted, not sent (the run ends on time).
+                    let total = options.duration / .seconds(1) * rate
+                    let due = ((total - Double(index)) / Double(options.connections)).rounded(.up)
+                    lane.missed = max(0, Int(due) - sequence)
+                    break
+                }
+            } else if due >= deadline {
+                break
+            }
             let request: BenchConnection.Request
             let expectReplay: Bool
             switch options.workload {
@@ -232,7 +267,7 @@ public struct LoadGenerator: Sendable {
                 if options.workload == .mixed && sent.count < 10_000 { sent.append(request) }
             }
             sequence += 1
-            let started = ContinuousClock.now
+            let started = due
             var response = try await connection.send(request)
             if options.workload == .holds && response.status == 201 {
                 response = try await connection.send(capture(of: response, lane: index, sequence: sequence, host: host))

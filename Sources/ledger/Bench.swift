@@ -30,6 +30,9 @@ extension LedgerCommand {
         @Option(name: .customLong("batch-size"), help: "Transfers per request of the batch workload, 1 to 1000 (default: 1000).")
         var batchSize: Int = 1_000
 
+        @Option(name: .customLong("rate"), help: "Open loop: requests per second in all, on a fixed schedule; latency counts from when each request was due, so stalls are not hidden (default: closed loop).")
+        var rate: Double?
+
         @Flag(name: .customLong("no-prepare"), help: "Do not create and fund the accounts first (they exist from an earlier run).")
         var noPrepare = false
 
@@ -41,6 +44,9 @@ extension LedgerCommand {
                 throw ValidationError("batch-disjoint gives each connection accounts of its own: accounts must be at least 2 x connections")
             }
             guard (1...1_000).contains(batchSize) else { throw ValidationError("batch-size 1...1000") }
+            guard rate.map({ $0 > 0 && $0 <= 1_000_000 }) ?? true else {
+                throw ValidationError("rate 0 < R <= 1000000")
+            }
             guard (1...4_096).contains(connections), (1...3_600).contains(durationSeconds), (2...1_000_000).contains(accounts) else {
                 throw ValidationError("connections 1...4096, duration-s 1...3600, accounts 2...1000000")
             }
@@ -58,7 +64,7 @@ extension LedgerCommand {
                 options: .init(
                     host: host, port: base.port ?? 80, token: token, workload: LoadGenerator.Workload(rawValue: workload)!,
                     connections: connections, duration: .seconds(durationSeconds), accounts: accounts,
-                    batchSize: batchSize))
+                    batchSize: batchSize, rate: rate))
             // One event loop: the generator must take as little CPU from the service and PostgreSQL as it can.
             let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
             if !noPrepare { try await generator.prepare(group: group) }

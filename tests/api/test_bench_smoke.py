@@ -33,6 +33,25 @@ def test_bench_workload_runs_without_errors(server, bench_token, workload):
         assert fields["replays"] == fields["requests"], line
 
 
+def test_bench_open_loop_keeps_its_schedule(server, bench_token):
+    """`--rate R`: requests on a fixed schedule, R per second in all, timed from when each was due; what fell due
+    but was not sent by the end is reported as missed, and the run still ends on time."""
+    proc = lt.run_ledger(["bench", "--url", server.base, "--token", bench_token, "--workload", "transfers",
+                          "--connections", "4", "--duration-s", "2", "--accounts", "20", "--rate", "50"],
+                         timeout=120)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    fields = dict(re.findall(r"(\S+?)=(\S+)", proc.stdout.strip().splitlines()[-1]))
+    assert fields["errors"] == "0" and fields["schedule"] == "50.00/s", fields
+    assert int(fields["requests"]) + int(fields["missed"]) == 100, fields
+    assert float(fields["seconds"]) < 3, fields
+
+
+def test_bench_refuses_a_rate_of_zero(server, bench_token):
+    proc = lt.run_ledger(["bench", "--url", server.base, "--token", bench_token, "--rate", "0"])
+    assert proc.returncode != 0
+    assert "rate" in proc.stderr
+
+
 def test_bench_batch_disjoint_connections_share_no_account(server, main_db):
     """`batch-disjoint` measures batches that need not wait for each other's row locks: each connection keeps to
     accounts of its own. Its keys name the connection (`bench-<run>-<connection>-<sequence>`)."""

@@ -21,17 +21,27 @@ def receiver():
 
 
 @pytest.fixture(scope="module")
-def hooks_server(main_db, log_dir):
-    """A server of its own with quick retries, on the session's database."""
-    srv = lt.LedgerServer.healthy(main_db, extra_args=FAST, log_dir=log_dir)
+def hooks_db():
+    """A database of its own: every server on a database delivers its webhooks, and only this module's server, with
+    its quick retries and its attempts bound, may deliver these."""
+    name = lt.create_database("ledger_hooks")
+    lt.migrate(name)
+    yield name
+    assert lt.verify(name).returncode == 0
+    lt.drop_database(name)
+
+
+@pytest.fixture(scope="module")
+def hooks_server(hooks_db, log_dir):
+    srv = lt.LedgerServer.healthy(hooks_db, extra_args=FAST, log_dir=log_dir)
     yield srv
     srv.stop()
 
 
 @pytest.fixture
-def api(main_db, hooks_server) -> lt.Api:
+def api(hooks_db, hooks_server) -> lt.Api:
     name = "hooks." + lt.uid()
-    return lt.Api(hooks_server.base, lt.create_token(main_db, name), name)
+    return lt.Api(hooks_server.base, lt.create_token(hooks_db, name), name)
 
 
 def put(api, hook_id, body):
@@ -84,7 +94,7 @@ def test_bad_ids_are_400(api, method):
     assert r.status_code == 400 and r.json()["code"] == "invalid-webhook-id", r.text
 
 
-def test_unknown_webhooks_are_404(api, api_b):
+def test_unknown_webhooks_are_404(api):
     assert api.get("/v1/webhooks/nope").status_code == 404
 
 
@@ -209,12 +219,12 @@ def test_delete_drops_undelivered_events(api, receiver):
         receiver.answers = lambda p, attempt: (200, {})
 
 
-def test_hosts_allowed(main_db, log_dir, receiver):
-    srv = lt.LedgerServer.healthy(main_db, extra_args=["--webhook-hosts-allowed", "127.0.0.0/8, hooks.example.com"],
+def test_hosts_allowed(hooks_db, log_dir, receiver):
+    srv = lt.LedgerServer.healthy(hooks_db, extra_args=["--webhook-hosts-allowed", "127.0.0.0/8, hooks.example.com"],
                                   log_dir=log_dir)
     try:
         name = "hosts." + lt.uid()
-        api = lt.Api(srv.base, lt.create_token(main_db, name), name)
+        api = lt.Api(srv.base, lt.create_token(hooks_db, name), name)
         assert put(api, "a", {"url": receiver.url("/ok")}).status_code == 201
         assert put(api, "b", {"url": "https://hooks.example.com/x"}).status_code == 201
         r = put(api, "c", {"url": "https://other.example.com/x"})
