@@ -23,11 +23,15 @@ public struct LedgerAPI: HTTPResponder {
     let logger: Logger
     /// Exported at GET /metrics; nil when metrics were not bootstrapped (they then go nowhere).
     let metricsRegistry: PrometheusCollectorRegistry?
+    /// Fails `/health/ready` once shutdown begins.
+    let readiness: Readiness
 
     public init(
-        store: LedgerStore, options: HTTPOptions, metricsRegistry: PrometheusCollectorRegistry? = nil, logger: Logger
+        store: LedgerStore, options: HTTPOptions, metricsRegistry: PrometheusCollectorRegistry? = nil,
+        readiness: Readiness = Readiness(), logger: Logger
     ) {
         self.store = store
+        self.readiness = readiness
         self.authenticator = Authenticator(store: store, cacheTTL: options.authCacheTTL)
         self.options = options
         self.metricsRegistry = metricsRegistry
