@@ -36,6 +36,7 @@ public struct LedgerAPI: HTTPResponder {
         self.options = options
         self.metricsRegistry = metricsRegistry
         self.logger = logger
+        LedgerMetrics.prepare(routes: Self.routes.map { ($0.method.rawValue, $0.pattern) })
     }
 
     public func respond(to request: Request, context: Context) async throws -> Response {
