@@ -428,6 +428,11 @@ public struct LedgerStore: Sendable {
         try await mappingErrors { try await migrator.migrate(pool: pool) }
     }
 
+    /// Distributes the migrated schema over a Citus cluster (`Migrator.distribute`).
+    public func distribute(_ migrator: Migrator) async throws -> [String] {
+        try await mappingErrors { try await migrator.distribute(pool: pool) }
+    }
+
     /// Closes every connection; calls after this fail as unavailable. For graceful shutdown, after the last request.
     public func close() async {
         await pool.close()

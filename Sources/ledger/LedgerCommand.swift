@@ -126,18 +126,27 @@ extension LedgerCommand {
         @Option(name: .customLong("sql-dir"), help: "Directory of the migration files (env: LEDGER_SQL_DIR; default: ./sql, or sql/ beside the executable).")
         var sqlDirectory: String?
 
+        @Flag(name: .customLong("citus"), help: "Then distribute the schema over the Citus cluster whose coordinator this is: run every file of sql/citus/ (idempotent; see docs/scaling.md).")
+        var citus = false
+
         func run() async throws {
             let logger = try database.makeLogger(label: "ledger.migrate")
             let directory = try sqlDirectory.map { URL(fileURLWithPath: $0) } ?? Migrator.locateDirectory()
             let migrator = try Migrator.load(directory: directory, logger: logger)
-            let applied = try await database.withStore(logger: logger) { try await $0.migrate(migrator) }
+            if citus && migrator.citusScripts.isEmpty {
+                throw ValidationError("--citus: no citus/ directory with scripts in \(directory.path)")
+            }
+            let (applied, distributed) = try await database.withStore(logger: logger) { store in
+                (try await store.migrate(migrator), citus ? try await store.distribute(migrator) : [])
+            }
             print(applied.isEmpty ? "ledger migrate: up to date" : "ledger migrate: applied \(applied.joined(separator: ", "))")
+            if citus { print("ledger migrate: distributed over Citus (\(distributed.joined(separator: ", ")))") }
         }
     }
 
     struct Token: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Manage bearer tokens.", subcommands: [Create.self])
+            abstract: "Manage bearer tokens.", subcommands: [Create.self, List.self, Revoke.self])
 
         struct Create: AsyncParsableCommand {
             static let configuration = CommandConfiguration(
