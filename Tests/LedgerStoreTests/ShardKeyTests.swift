@@ -41,6 +41,8 @@ struct ShardKeyTests {
                     AS $$ SELECT id FROM ledger.bad_events WHERE client_id = p_client AND id = p_id $$;
                 CREATE FUNCTION ledger.event_count() RETURNS bigint LANGUAGE sql
                     AS $$ SELECT count(*) FROM ledger.bad_events $$;
+                CREATE FUNCTION ledger.event_ids() RETURNS SETOF bigint LANGUAGE sql
+                    BEGIN ATOMIC SELECT id FROM ledger.bad_events; END;
                 """)
         }
         #expect(
@@ -48,6 +50,7 @@ struct ShardKeyTests {
                 "foreign key bad_events_account of ledger.bad_events to ledger.accounts does not pair client_id with client_id",
                 "function ledger.event(bigint,text) does not take the client (p_client text) first",
                 "function ledger.event_count() does not take the client (p_client text) first",
+                "function ledger.event_ids() does not take the client (p_client text) first",
                 "table ledger.no_client has no client_id column",
                 "unique key ledger.bad_events_pkey of ledger.bad_events does not lead with client_id",
                 "unique key ledger.no_client_pkey of ledger.no_client does not lead with client_id",
@@ -96,7 +99,8 @@ struct ShardKeyTests {
               AND p.proname NOT IN (SELECT name FROM maintenance)
               AND NOT (p.pronargs > 0 AND p.proargtypes[0] IN (SELECT reltype FROM client_tables))
               AND ('p_client' = ANY (p.proargnames)
-                   OR p.prosrc ~ ('ledger\\.(' || (SELECT string_agg(relname, '|') FROM client_tables) || ')\\M'))
+                   OR (CASE WHEN p.prosqlbody IS NULL THEN p.prosrc ELSE pg_get_function_sqlbody(p.oid) END)
+                      ~ ('ledger\\.(' || (SELECT string_agg(relname, '|') FROM client_tables) || ')\\M'))
               AND NOT (p.proargnames[1] IS NOT DISTINCT FROM 'p_client' AND p.proargtypes[0] = 'text'::regtype)
             ORDER BY 1
             """)
