@@ -4,7 +4,7 @@
 // Layers (arrows point one way only):
 //   CLibPQ -> PostgresClient -> LedgerStore <- LedgerCore (pure domain, no I/O)
 //   LedgerStore, LedgerCore -> LedgerHTTP (Hummingbird 2) -> ledger (the one executable)
-//   LedgerStore -> LedgerMaintenance (background purge) -> ledger
+//   LedgerStore -> LedgerMaintenance (purge, hold sweep, webhook deliveries) -> ledger
 // LedgerHTTP never sees PostgresClient: the store maps its errors into LedgerStoreError and reports pool statistics.
 // Every target lists each module it imports (MemberImportVisibility is on), so an import across layers shows here.
 import PackageDescription
@@ -31,6 +31,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
     ],
     targets: [
         // libpq from Debian's libpq-dev, through pkg-config.
@@ -67,15 +68,22 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
-        // Work `ledger serve` runs beside the HTTP server: the periodic purge of stored responses. A target of its own
+        // Work `ledger serve` runs beside the HTTP server: the periodic purge of stored responses, the hold sweep and
+        // webhook deliveries (async-http-client). A target of its own
         // rather than part of LedgerStore, so the data layer stays free of service lifecycles, and rather than part
         // of LedgerHTTP, which only answers requests.
         .target(
             name: "LedgerMaintenance",
             dependencies: [
                 "LedgerStore",
+                "LedgerCore",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
             swiftSettings: swiftSettings
         ),

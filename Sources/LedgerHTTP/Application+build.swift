@@ -69,6 +69,7 @@ public func buildApplication(
     )
     app.addServices(StoreClosingService(store: store))
     app.addServices(services)
+    app.addServices(api.events)
     if configuration.migrateAtStart {
         let directory = try configuration.migrationsDirectory.map { URL(fileURLWithPath: $0) }
             ?? Migrator.locateDirectory()

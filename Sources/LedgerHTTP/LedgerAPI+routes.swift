@@ -28,6 +28,11 @@ extension LedgerAPI {
         Route(.post, "/v1/holds/{id}/capture") { api, call in try await api.captureHold(call) },
         Route(.post, "/v1/holds/{id}/void") { api, call in try await api.voidHold(call) },
         Route(.get, "/v1/idempotency-keys/{key}") { api, call in try await api.getIdempotencyKey(call) },
+        Route(.get, "/v1/events") { api, call in try await api.getEvents(call) },
+        Route(.get, "/v1/webhooks") { api, call in try await api.listWebhooks(call) },
+        Route(.put, "/v1/webhooks/{id}") { api, call in try await api.putWebhook(call) },
+        Route(.get, "/v1/webhooks/{id}") { api, call in try await api.getWebhook(call) },
+        Route(.delete, "/v1/webhooks/{id}") { api, call in try await api.deleteWebhook(call) },
     ]
 
     /// `GET /v1/accounts/{id}`, one line per route in table order: what `ledger routes` prints.

@@ -25,6 +25,8 @@ public struct LedgerAPI: HTTPResponder {
     let metricsRegistry: PrometheusCollectorRegistry?
     /// Fails `/health/ready` once shutdown begins.
     let readiness: Readiness
+    /// The long-polls of GET /v1/events; run as a service beside the server (`buildApplication`).
+    let events: EventWaiters
 
     public init(
         store: LedgerStore, options: HTTPOptions, metricsRegistry: PrometheusCollectorRegistry? = nil,
@@ -32,6 +34,8 @@ public struct LedgerAPI: HTTPResponder {
     ) {
         self.store = store
         self.readiness = readiness
+        self.events = EventWaiters(
+            store: store, waitersMax: options.eventsWaitersMax, pollInterval: options.eventsPollInterval, logger: logger)
         self.authenticator = Authenticator(store: store, cacheTTL: options.authCacheTTL)
         self.options = options
         self.metricsRegistry = metricsRegistry

@@ -109,6 +109,12 @@ enum LedgerMetrics {
         "ledger_batch_items_total": "Items of batches executed now: succeeded, failed, or rolled_back (an atomic batch with a failed item).",
         "ledger_db_pool_connections": "Database connections of this process's pool, by state (in_use, idle).",
         "ledger_db_pool_waiting": "Requests waiting for a database connection of the pool.",
+        "ledger_events_waiters": "GET /v1/events requests of this process waiting for an event now.",
+        "ledger_events_appended": "Events appended to the feed so far (all clients).",
+        "ledger_webhook_deliveries_total": "Webhook delivery attempts by outcome: delivered, retry, failed (attempts exhausted), gone (410).",
+        "ledger_webhook_delivery_lag_seconds": "Time from an event's commit to its webhook's 2xx.",
+        "ledger_webhook_deliveries_pending": "Webhook deliveries waiting to be attempted (all clients).",
+        "ledger_webhook_deliveries_failed": "Webhook deliveries that exhausted their attempts (all clients).",
     ]
 
     /// Creates at zero every series whose labels are known in advance, so that each family is exported from the
@@ -143,6 +149,11 @@ enum LedgerMetrics {
         Gauge(label: "ledger_db_pool_connections", dimensions: [("state", "in_use")]).record(0)
         Gauge(label: "ledger_db_pool_connections", dimensions: [("state", "idle")]).record(0)
         Gauge(label: "ledger_db_pool_waiting").record(0)
+        Gauge(label: "ledger_events_waiters").record(0)
+        for outcome in ["delivered", "retry", "failed", "gone"] {
+            _ = counter("ledger_webhook_deliveries_total", [("outcome", outcome)])
+        }
+        _ = timer("ledger_webhook_delivery_lag_seconds")
     }
 
     /// The exposition with a `# HELP` line before each family's `# TYPE` line.
@@ -192,6 +203,13 @@ enum LedgerMetrics {
         counter("ledger_batch_items_total", [("outcome", "succeeded")]).increment(by: items.succeeded)
         counter("ledger_batch_items_total", [("outcome", "failed")]).increment(by: items.failed)
         counter("ledger_batch_items_total", [("outcome", "rolled_back")]).increment(by: items.rolledBack)
+    }
+
+    private static let waiting = Mutex(0)
+
+    /// `ledger_events_waiters`: requests of GET /v1/events waiting for an event now.
+    static func eventWaiters(delta: Int) {
+        Gauge(label: "ledger_events_waiters").record(waiting.withLock { $0 += delta; return $0 })
     }
 
     static func pool(_ stats: LedgerStore.PoolStatistics) {

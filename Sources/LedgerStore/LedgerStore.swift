@@ -33,12 +33,18 @@ public struct LedgerStore: Sendable {
         /// How long stored outcomes are kept at least (`--retention-s`), in seconds: what `Idempotency-TTL` and
         /// the `expires_at` of a key count from. Default 86,400.
         public var retentionSeconds: Int
+        /// The key webhook secrets are derived from (`LEDGER_WEBHOOK_KEY`, 32 bytes or more), the same on every
+        /// replica; nil: the key made by the migrations and kept in the database, so that a reader of the database
+        /// can derive the secrets. Default nil.
+        public var webhookKey: [UInt8]?
 
         public init(
             keyWaitMilliseconds: Int = 5_000, conflictRetriesMax: Int = 3, batchMax: Int = 16,
             batchConcurrencyMax: Int = 2, replayCacheBytesMax: Int = 8 << 20, retryAfterSeconds: Int = 1,
-            retentionSeconds: Int = 86_400
+            retentionSeconds: Int = 86_400, webhookKey: [UInt8]? = nil
         ) {
+            precondition(webhookKey.map { $0.count >= 32 } ?? true, "a webhook key has at least 32 bytes")
+            self.webhookKey = webhookKey
             precondition(retentionSeconds >= 1, "retentionSeconds must be positive")
             self.retentionSeconds = retentionSeconds
             precondition(keyWaitMilliseconds >= 1, "keyWaitMilliseconds must be positive")
@@ -66,6 +72,7 @@ public struct LedgerStore: Sendable {
     private let batcher: TransferBatcher?
     private let replayCache: ReplayCache?
     private let cursorKeyCache = CursorKeyCache()
+    let webhookKeyCache = WebhookKeyCache()
 
     /// A store on `pool`. It commits concurrent requests of one client together (group commit, `TransferBatcher`)
     /// whenever `options.batchMax` > 1; pass `batchMax: 1` for a transaction per request.

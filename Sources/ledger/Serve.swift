@@ -89,6 +89,8 @@ extension LedgerCommand {
         @Option(name: .customLong("hold-sweep-interval-ms"), help: "Milliseconds between sweeps that record holds past their expires_at as expired (env: LEDGER_HOLD_SWEEP_INTERVAL_MS; default: 1000).")
         var holdSweepIntervalMilliseconds: Int?
 
+        @OptionGroup var events: EventFlags
+
         @Option(name: .customLong("shutdown-grace-s"), help: "On SIGTERM/SIGINT, seconds in-flight requests get to finish before they are cancelled (env: LEDGER_SHUTDOWN_GRACE_S; default: 25).")
         var shutdownGraceSeconds: Int?
 
@@ -124,7 +126,8 @@ extension LedgerCommand {
                 replayCacheBytesMax: try Environment.int(
                     "LEDGER_REPLAY_CACHE_BYTES_MAX", flag: replayCacheBytesMax, default: 8 << 20, range: 0...(1 << 30)),
                 retryAfterSeconds: retryAfter,
-                retentionSeconds: Int(retentionOptions.retention.components.seconds))
+                retentionSeconds: Int(retentionOptions.retention.components.seconds),
+                webhookKey: try EventFlags.webhookKey())
             let configuration = ServeConfiguration(
                 hostname: hostname ?? Environment.string("HOST") ?? "127.0.0.1",
                 port: try Environment.int("PORT", flag: port, default: 8080, range: 0...65_535),
@@ -140,7 +143,9 @@ extension LedgerCommand {
                     idleTimeout: .seconds(
                         try Environment.int("LEDGER_IDLE_TIMEOUT_S", flag: idleTimeoutSeconds, default: 15, range: 1...3_600)),
                     connectionsMax: try Environment.int(
-                        "LEDGER_CONNECTIONS_MAX", flag: connectionsMax, default: 4_096, range: 1...1_000_000)),
+                        "LEDGER_CONNECTIONS_MAX", flag: connectionsMax, default: 4_096, range: 1...1_000_000),
+                    eventsWaitersMax: try events.waitersMax(), eventsPollInterval: try events.pollInterval(),
+                    webhookHostsAllowed: try events.hostsAllowed()),
                 migrateAtStart: !(noMigrate || Environment.bool("LEDGER_NO_MIGRATE")),
                 migrationsDirectory: sqlDirectory ?? Environment.string("LEDGER_SQL_DIR")
             )
@@ -163,8 +168,9 @@ extension LedgerCommand {
                 readiness: readiness,
                 delay: .seconds(try Environment.int("LEDGER_DRAIN_S", flag: drainSeconds, default: 0, range: 0...3_600)),
                 logger: logger)
+            let deliveries = WebhookDeliveryService(store: store, options: try events.deliveryOptions(), logger: logger)
             let app = try buildApplication(
-                store: store, configuration: configuration, services: [purge, sweep], metricsRegistry: registry,
+                store: store, configuration: configuration, services: [purge, sweep, deliveries], metricsRegistry: registry,
                 readiness: readiness, logger: logger)
             // SIGTERM/SIGINT: /health/ready fails and the drain delay runs (the drain is last, so it stops first);
             // then stop accepting, let in-flight requests finish (bounded), then close the pool.

@@ -13,9 +13,14 @@ struct ShardKeyTests {
     /// a client table. sql/citus/ distributes them accordingly.
     static let referenceTables = ["clients", "api_tokens", "service_keys", "schema_migrations"]
 
-    /// Functions that work across clients on purpose (maintenance, run per client or per shard by the coordinator on
-    /// Citus; docs/scaling.md). Nothing that serves a request belongs here.
-    static let crossClientFunctions = ["expire_holds", "purge_idempotency_keys"]
+    /// Functions that work across clients on purpose: background work of `ledger serve` (the retention purge, the
+    /// hold-expiry sweep, the event sequencer and the webhook delivery service), never a request. On Citus they run on
+    /// the coordinator, and each needs a form whose statements name one client (docs/scaling.md). Nothing that
+    /// serves a request belongs here.
+    static let crossClientFunctions = [
+        "expire_holds", "purge_idempotency_keys", "sequence_pending_events", "event_marks", "claim_deliveries",
+        "record_deliveries",
+    ]
 
     @Test("every client table, foreign key and request function of the migrations keeps client_id first")
     func migrationsKeepTheClientFirst() async throws {

@@ -139,7 +139,7 @@ DECLARE
     v_body text;
 BEGIN
     FOR v_function IN
-        SELECT p.oid, p.proretset, p.provolatile, p.proparallel, p.prosrc,
+        SELECT p.oid, p.proretset, p.prorettype, p.provolatile, p.proparallel, p.prosrc,
                pg_get_function_identity_arguments(p.oid) AS identity
         FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
         WHERE p.pronamespace = 'ledger'::regnamespace AND p.prokind = 'f' AND l.lanname = 'sql'
@@ -150,6 +150,7 @@ BEGIN
         v_body := rtrim(btrim(v_function.prosrc, E' \n\t'), ';');
         v_body := E'#variable_conflict use_column\nBEGIN\n'
             || CASE WHEN v_function.proretset THEN E'RETURN QUERY\n' || v_body || E';\n'
+                    WHEN v_function.prorettype = 'void'::regtype THEN v_body || E';\n'
                     ELSE E'RETURN (\n' || v_body || E'\n);\n' END
             || 'END;';
         EXECUTE format('CREATE OR REPLACE FUNCTION ledger.%s(%s) RETURNS %s LANGUAGE plpgsql %s %s AS %L',

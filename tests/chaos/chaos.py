@@ -9,6 +9,8 @@ stopped in immediate mode (a crash) and restarted once. At the end:
     amount, from the hold (kill -9 mid-capture included), and a capture acknowledged as failed made none;
   - every key that was acknowledged with a stored failure made no transfer;
   - no key made two transfers, and no transfer exists that no worker asked for;
+  - a webhook on every event, whose receiver fails a fifth of the attempts, got every event committed after it was
+    made at least once with a 2xx, and, deduplicated by `webhook-id`, exactly once with the feed's bytes;
   - `ledger verify` passes.
 Prints `chaos: N requests, K kills, L lost, D duplicated` and exits non-zero unless L and D are 0.
 
@@ -34,6 +36,8 @@ import urllib.request
 import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tests", "api"))
+from webhookreceiver import Receiver  # noqa: E402 - beside the API tests, shared
 LEDGER_BIN = os.environ.get("LEDGER_BIN", os.path.join(ROOT, ".build/debug/ledger"))
 PG_ADMIN = os.environ["LEDGER_TEST_PG"]
 PG_DATA = os.environ["LEDGER_TEST_PGDATA"]
@@ -78,7 +82,9 @@ class Service:
         env = dict(os.environ, DATABASE_URL=f"{PG_ADMIN} dbname={self.db}", LOG_LEVEL="warning")
         self.proc = subprocess.Popen(
             [LEDGER_BIN, "serve", "--port", str(self.port), "--pool-size", "8", "--key-wait-ms", "2000",
-             "--pool-acquire-wait-ms", "2000", "--connect-timeout-s", "2"],
+             "--pool-acquire-wait-ms", "2000", "--connect-timeout-s", "2",
+             "--webhook-retry-base-ms", "200", "--webhook-retry-max-ms", "1000", "--webhook-timeout-ms", "2000",
+             "--webhook-attempts-max", "1000"],
             env=env, stdout=log, stderr=log, cwd=ROOT,
         )
         deadline = time.time() + 30
@@ -222,6 +228,44 @@ def check_holds(db: str, stats: Stats) -> list[str]:
     return bad
 
 
+def get_json(base: str, token: str, path: str) -> dict:
+    request = urllib.request.Request(f"{base}{path}", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def feed(base: str, token: str, after: str | None = None) -> list[dict]:
+    """Every event after `after`, following next_after."""
+    events = []
+    while True:
+        page = get_json(base, token, "/v1/events?limit=1000" + (f"&after={after}" if after else ""))
+        if not page["events"]:
+            return events
+        events += page["events"]
+        after = page["next_after"]
+
+
+def check_webhook(db: str, base: str, token: str, receiver: Receiver, first_after: str | None) -> list[str]:
+    """Waits (bounded) until nothing is pending, then compares what the receiver acknowledged with the feed."""
+    deadline = time.time() + 90
+    while time.time() < deadline and psql(db, "SELECT count(*) FROM ledger.webhook_deliveries WHERE NOT failed") != "0":
+        time.sleep(0.5)
+    expected = {e["id"]: json.dumps(e, separators=(",", ":")) for e in feed(base, token, first_after)}
+    delivered: dict[str, set[bytes]] = {}
+    for d in receiver.at("/chaos"):
+        if d["status"] == 200:
+            delivered.setdefault(d["id"], set()).add(d["body"])
+    problems = [f"missing {i}" for i in expected if i not in delivered]
+    problems += [f"unexpected {i}" for i in delivered if i not in expected]
+    problems += [f"bodies differ for {i}" for i, bodies in delivered.items() if len(bodies) != 1]
+    problems += [f"body of {i} is not the feed's" for i, bodies in delivered.items()
+                 if i in expected and json.loads(next(iter(bodies))) != json.loads(expected[i])]
+    twice = sum(1 for d in receiver.at("/chaos") if d["status"] == 200) - len(delivered)
+    print(f"chaos: webhook: {len(expected)} events, {len(delivered)} delivered, {twice} duplicate deliveries "
+          f"(removed by webhook-id), {sum(1 for d in receiver.at('/chaos') if d['status'] != 200)} failed attempts")
+    return problems
+
+
 def main() -> int:
     db = "chaos_" + uuid.uuid4().hex[:12]
     psql("postgres", f"CREATE DATABASE {db}")
@@ -240,6 +284,15 @@ def main() -> int:
         urllib.request.urlopen(urllib.request.Request(
             f"{base}/v1/credits", data=json.dumps({"account": account, "amount": 20_000, "currency": "USD"}).encode(),
             method="POST", headers=dict(headers, **{"Idempotency-Key": f"fund-{account}"})), timeout=10)
+    # A webhook on every event, whose receiver fails a fifth of the attempts.
+    receiver = Receiver()
+    flaky = random.Random(11)
+    receiver.answers = lambda path, attempt: (500, {}) if flaky.random() < 0.2 else (200, {})
+    urllib.request.urlopen(urllib.request.Request(
+        f"{base}/v1/webhooks/chaos", data=json.dumps({"url": receiver.url("/chaos")}).encode(), method="PUT",
+        headers=headers), timeout=10)
+    before_hook = feed(base, token)
+    first_after = before_hook[-1]["id"] if before_hook else None
 
     stats = Stats()
     started = time.time()
@@ -267,7 +320,9 @@ def main() -> int:
 
     for t in threads:
         t.join(timeout=max(1.0, hard_until - time.time() + 5))
+    webhook_problems = check_webhook(db, base, token, receiver, first_after)
     service.stop()
+    receiver.close()
 
     # Check the database against what workers were told.
     rows = psql(db, "SELECT t.idempotency_key, ledger.transfer_json(t) FROM ledger.transfers t "
@@ -297,10 +352,11 @@ def main() -> int:
     print(f"chaos: {len(stats.asked)} keys, {created} transfers acknowledged, "
           f"{sum(1 for st, _ in stats.acked.values() if st >= 400)} stored failures, {len(stats.unsettled)} unsettled, "
           f"{len(stats.replay_mismatch)} replay mismatches, verify exit {verify.returncode}")
-    ok = (not lost and not duplicated and not stats.replay_mismatch and not stats.unsettled
+    ok = (not lost and not duplicated and not stats.replay_mismatch and not stats.unsettled and not webhook_problems
           and verify.returncode == 0 and service.kills >= KILLS_MIN and created > 0 and captured > 0)
     if not ok:
-        print(f"chaos: FAILED; lost={lost[:5]} duplicated={duplicated[:5]} mismatch={stats.replay_mismatch[:5]} "
+        print(f"chaos: FAILED; webhook={webhook_problems[:5]} lost={lost[:5]} duplicated={duplicated[:5]} "
+              f"mismatch={stats.replay_mismatch[:5]} "
               f"unsettled={list(stats.unsettled)[:5]} verify={verify.stdout}{verify.stderr} log={service.log_path}")
     else:
         psql("postgres", f"DROP DATABASE {db} WITH (FORCE)")

@@ -290,6 +290,8 @@ def concrete(path: str, accounts) -> str:
         return path.replace("{id}", accounts["transfer_id"])
     if path.startswith("/v1/holds/"):
         return path.replace("{id}", accounts["hold_id"])
+    if path.startswith("/v1/webhooks/"):
+        return path.replace("{id}", "hook-" + accounts["key"][-8:])
     return path.replace("{id}", "alice")
 
 
@@ -313,12 +315,21 @@ def test_every_documented_operation_is_served(api, accounts, method, path):
         response = api.request(method, target, key=uid("route-"), body=POST_BODIES[path])
     elif method == "POST":
         response = api.request(method, concrete(path, accounts), key=uid("route-"), body=POST_BODIES[path])
+    elif method == "PUT" and path.startswith("/v1/webhooks/"):
+        response = api.request(method, concrete(path, accounts), body={"url": "https://example.com/hook"})
     elif method == "PUT":
         response = api.request(method, concrete(path, accounts), body={"currency": "USD"})
+    elif method == "DELETE":
+        # A webhook of its own to delete.
+        target = path.replace("{id}", uid("del-"))
+        assert api.request("PUT", target, body={"url": "https://example.com/hook"}).status_code == 201
+        response = api.request(method, target)
     else:
+        if path.startswith("/v1/webhooks/"):
+            api.request("PUT", concrete(path, accounts), body={"url": "https://example.com/hook"})
         response = api.request(method, concrete(path, accounts))
     assert problem_code(response) not in ("not-found", "method-not-allowed"), response.text
-    assert response.status_code in (200, 201), response.text
+    assert response.status_code in (200, 201, 204), response.text
     check(method, path, response)
 
 
