@@ -176,21 +176,25 @@ $plpgsql$;
 -- A query that Citus runs on a shard names the shard (ledger.transfers_102008), so a whole-row reference in it, such
 -- as ledger.transfer_json(t) in the RETURNING of an INSERT, has the shard's row type, which no function takes. Each
 -- function over a distributed table's row type gets an overload for any row, which passes its fields on to it.
+-- Both are marked IMMUTABLE: Citus refuses other functions in the RETURNING of an UPDATE (ledger.hold_json(h) when
+-- holds expire). They render the row they are given; the one use of the clock (a pending hold past expires_at shows
+-- as expired) is read per row as the statement runs, as their argument is always a table's row, never a constant
+-- the planner could fold.
 DO $rows$
 DECLARE
     v_function record;
 BEGIN
     FOR v_function IN
-        SELECT p.proname, format_type(p.prorettype, NULL) AS returns, c.oid::regclass::text AS row_type,
-               CASE p.provolatile WHEN 'i' THEN 'IMMUTABLE' WHEN 's' THEN 'STABLE' ELSE 'VOLATILE' END AS volatility
+        SELECT p.proname, format_type(p.prorettype, NULL) AS returns, c.oid::regclass::text AS row_type
         FROM pg_proc p
         JOIN pg_class c ON c.reltype = p.proargtypes[0] AND c.relnamespace = 'ledger'::regnamespace
         WHERE p.pronamespace = 'ledger'::regnamespace AND p.prokind = 'f' AND p.pronargs = 1 AND NOT p.proretset
           AND EXISTS (SELECT 1 FROM pg_dist_partition d WHERE d.logicalrelid = c.oid)
     LOOP
+        EXECUTE format('ALTER FUNCTION ledger.%I(%s) IMMUTABLE', v_function.proname, v_function.row_type);
         EXECUTE format(
-            'CREATE OR REPLACE FUNCTION ledger.%I(p_row anyelement) RETURNS %s LANGUAGE plpgsql %s AS %L',
-            v_function.proname, v_function.returns, v_function.volatility,
+            'CREATE OR REPLACE FUNCTION ledger.%I(p_row anyelement) RETURNS %s LANGUAGE plpgsql IMMUTABLE AS %L',
+            v_function.proname, v_function.returns,
             format('BEGIN RETURN ledger.%I(ROW((p_row).*)::%s); END;', v_function.proname, v_function.row_type));
         EXECUTE format('COMMENT ON FUNCTION ledger.%I(anyelement) IS %L', v_function.proname,
             format('ledger.%I of a shard''s row (Citus, sql/citus/): the same as of a row of %s.', v_function.proname, v_function.row_type));
