@@ -98,10 +98,11 @@ pg_as_owner() {
   if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
-# pg_start DATA_DIR PORT: initialises DATA_DIR if empty and starts a server listening on 127.0.0.1:PORT and on a
-# socket in DATA_DIR/socket. fsync and synchronous_commit stay on: tests and benchmarks measure the real thing.
+# pg_start DATA_DIR PORT [OPTIONS]: initialises DATA_DIR if empty and starts a server listening on 127.0.0.1:PORT and
+# on a socket in DATA_DIR/socket; OPTIONS are more `-c name=value` for the server. fsync and synchronous_commit stay
+# on: tests and benchmarks measure the real thing.
 pg_start() {
-  local data="$1" port="$2" bin
+  local data="$1" port="$2" extra="${3:-}" bin
   bin=$(pg_bin_dir) || { echo "PostgreSQL server binaries not found" >&2; return 1; }
   mkdir -p "$data"
   if [ "$(id -u)" -eq 0 ]; then chown postgres:postgres "$data"; chmod 700 "$data"; fi
@@ -110,7 +111,7 @@ pg_start() {
   fi
   pg_as_owner mkdir -p "$data/socket"
   pg_as_owner "$bin/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 start \
-    -o "-p $port -k $data/socket -c listen_addresses=127.0.0.1 -c max_connections=300 -c shared_buffers=256MB" >/dev/null
+    -o "-p $port -k $data/socket -c listen_addresses=127.0.0.1 -c max_connections=300 -c shared_buffers=256MB $extra" >/dev/null
 }
 
 # pg_stop DATA_DIR [MODE]: stops the server (mode fast by default; immediate simulates a crash).
@@ -173,4 +174,40 @@ pgbouncer_stop() {
     sleep 0.1
   done
   kill -KILL "$pid" 2>/dev/null || true
+}
+
+# citus_start DIR PORT WORKER_PORT...: a Citus cluster on this machine, each node a pg_start server with Citus
+# preloaded (data in DIR/node-PORT): the coordinator on PORT, a worker on each WORKER_PORT. Databases that use Citus
+# need `CREATE EXTENSION citus` on every node, then citus_add_db (below).
+citus_start() {
+  local dir="$1" port
+  shift
+  mkdir -p "$dir"
+  for port in "$@"; do
+    pg_start "$dir/node-$port" "$port" "-c shared_preload_libraries=citus -c max_prepared_transactions=100" || return 1
+  done
+}
+
+# citus_stop DIR: stops every node citus_start DIR started.
+citus_stop() {
+  local node
+  for node in "$1"/node-*; do [ -d "$node" ] && pg_stop "$node" fast; done
+  return 0
+}
+
+# citus_add_db DBNAME PORT WORKER_PORT...: creates DBNAME on every node with the citus extension, and makes the node
+# on PORT its coordinator with the others as workers.
+citus_add_db() {
+  local db="$1" coordinator="$2" port
+  shift 2
+  for port in "$coordinator" "$@"; do
+    psql -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -v ON_ERROR_STOP=1 -c "CREATE DATABASE \"$db\"" || return 1
+    psql -q -h 127.0.0.1 -p "$port" -U postgres -d "$db" -v ON_ERROR_STOP=1 -c "CREATE EXTENSION citus" || return 1
+  done
+  psql -q -h 127.0.0.1 -p "$coordinator" -U postgres -d "$db" -v ON_ERROR_STOP=1 -Atc \
+    "SELECT citus_set_coordinator_host('127.0.0.1', $coordinator)" >/dev/null || return 1
+  for port in "$@"; do
+    psql -q -h 127.0.0.1 -p "$coordinator" -U postgres -d "$db" -v ON_ERROR_STOP=1 -Atc \
+      "SELECT citus_add_node('127.0.0.1', $port)" >/dev/null || return 1
+  done
 }

@@ -127,6 +127,12 @@ extension Problem {
             detail: "The database could not be reached or did not answer in time; nothing was written. Retry later.",
             retryAfterSeconds: retryAfterSeconds)
     }
+    public static func shuttingDown(retryAfterSeconds: Int) -> Problem {
+        Problem(
+            status: 503, code: "shutting-down", title: "Shutting down",
+            detail: "This instance is draining before it stops; send new requests to another one.",
+            retryAfterSeconds: retryAfterSeconds)
+    }
     public static let malformedBody = Problem(
         status: 400, code: "malformed-request", title: "Malformed request",
         detail: "The request's body framing is malformed or the body ended early.")

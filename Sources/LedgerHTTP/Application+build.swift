@@ -42,13 +42,17 @@ struct StoreClosingService: Service {
 
 /// Builds the whole service on `store`; `ledger serve` runs it and tests build the very same thing.
 ///
+/// `readiness` is the flag `GET /health/ready` reads; a `DrainService` of the caller's service group sets it.
+///
 /// `services` run beside the server (the background purge, say): they start after the store's closer and stop
 /// before it, so nothing they do outlives the connections.
 public func buildApplication(
     store: LedgerStore, configuration: ServeConfiguration, services: [any Service] = [],
-    metricsRegistry: PrometheusCollectorRegistry? = nil, logger: Logger
+    metricsRegistry: PrometheusCollectorRegistry? = nil, readiness: Readiness = Readiness(), logger: Logger
 ) throws -> some ApplicationProtocol {
-    let api = LedgerAPI(store: store, options: configuration.http, metricsRegistry: metricsRegistry, logger: logger)
+    let api = LedgerAPI(
+        store: store, options: configuration.http, metricsRegistry: metricsRegistry, readiness: readiness,
+        logger: logger)
     // Every connection is bounded: closed after `idleTimeout` without a byte (half-sent requests included), and
     // no more than `connectionsMax` open at once.
     var app = Application(

@@ -7,7 +7,8 @@ import Synchronization
 ///
 /// Tokens are looked up by their SHA-256, so what is compared is a digest, not the secret: a timing difference
 /// reveals nothing about the token. Known tokens are cached in memory for `cacheTTL` so that a request costs no extra
-/// round trip to PostgreSQL; unknown tokens are never cached, so a newly created token works at once.
+/// round trip to PostgreSQL; unknown tokens are never cached, so a newly created token works at once. A revoked token
+/// is refused once its cache entry expires (within `cacheTTL`); an expiring token is never cached past its expiry.
 final class Authenticator: Sendable {
     private let store: LedgerStore
     private let cacheTTL: Duration
@@ -35,9 +36,11 @@ final class Authenticator: Sendable {
         let digest = LedgerStore.tokenDigest(token)
         let now = ContinuousClock.now
         if let hit = cache.withLock({ $0[digest] }), hit.expires > now { return hit.client }
-        guard let client = try await store.client(forToken: token) else { return nil }
+        guard let accepted = try await store.acceptedToken(token) else { return nil }
+        let client = accepted.client
         let entriesMax = cacheEntriesMax
-        let expires = now + cacheTTL
+        // Never cached past the token's own expiry; a revocation is noticed when the entry expires.
+        let expires = now + min(cacheTTL, accepted.expiresIn ?? cacheTTL)
         cache.withLock { cache in
             // Bounded: when full, start over rather than track recency; refills cost one query per token.
             if cache.count >= entriesMax { cache.removeAll(keepingCapacity: true) }

@@ -8,6 +8,8 @@ import LedgerCore
 extension LedgerAPI {
     static let routes: [Route] = [
         Route(.get, "/health") { api, call in try await api.health(call) },
+        Route(.get, "/health/live") { api, call in api.live(call) },
+        Route(.get, "/health/ready") { api, call in try await api.ready(call) },
         Route(.get, "/metrics") { api, call in api.metrics(call) },
         Route(.get, "/openapi.yaml") { api, call in try api.openAPI(call) },
         Route(.get, "/v1/accounts/{id}") { api, call in try await api.getAccount(call) },

@@ -10,7 +10,7 @@ extension LedgerAPI {
     /// Prometheus text exposition. Pool gauges are sampled now, at scrape time.
     func metrics(_ call: RouteCall) -> Response {
         LedgerMetrics.pool(store.poolStatistics())
-        let text = metricsRegistry?.emitToBuffer() ?? []
+        let text = LedgerMetrics.withHelp(metricsRegistry?.emitToBuffer() ?? [])
         var headers: HTTPFields = [:]
         headers[.contentType] = "text/plain; version=0.0.4; charset=utf-8"
         return Response(status: .ok, headers: headers, body: ResponseBody(byteBuffer: ByteBuffer(bytes: text)))

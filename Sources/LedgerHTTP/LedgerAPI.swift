@@ -23,19 +23,24 @@ public struct LedgerAPI: HTTPResponder {
     let logger: Logger
     /// Exported at GET /metrics; nil when metrics were not bootstrapped (they then go nowhere).
     let metricsRegistry: PrometheusCollectorRegistry?
+    /// Fails `/health/ready` once shutdown begins.
+    let readiness: Readiness
     /// The long-polls of GET /v1/events; run as a service beside the server (`buildApplication`).
     let events: EventWaiters
 
     public init(
-        store: LedgerStore, options: HTTPOptions, metricsRegistry: PrometheusCollectorRegistry? = nil, logger: Logger
+        store: LedgerStore, options: HTTPOptions, metricsRegistry: PrometheusCollectorRegistry? = nil,
+        readiness: Readiness = Readiness(), logger: Logger
     ) {
         self.store = store
+        self.readiness = readiness
         self.events = EventWaiters(
             store: store, waitersMax: options.eventsWaitersMax, pollInterval: options.eventsPollInterval, logger: logger)
         self.authenticator = Authenticator(store: store, cacheTTL: options.authCacheTTL)
         self.options = options
         self.metricsRegistry = metricsRegistry
         self.logger = logger
+        LedgerMetrics.prepare(routes: Self.routes.map { ($0.method.rawValue, $0.pattern) })
     }
 
     public func respond(to request: Request, context: Context) async throws -> Response {

@@ -86,9 +86,88 @@ enum LedgerMetrics {
     /// for exactly this: finer than the store's three codes, and the label dashboards already use.
     static func databaseError(_ error: LedgerStoreError) {
         let sqlClass = error.sqlState.map { String($0.prefix(2)) } ?? "none"
-        Counter(
-            label: "ledger_db_errors_total", dimensions: [("sqlstate_class", sqlClass), ("kind", error.databaseKind)]
-        ).increment()
+        counter("ledger_db_errors_total", [("sqlstate_class", sqlClass), ("kind", error.databaseKind)]).increment()
+    }
+
+    /// The `# HELP` text of every family, by name. `GET /metrics` adds it to the exposition (the swift-metrics
+    /// front end has no help text of its own); the OpenAPI test checks that every family has one.
+    static let help: [String: String] = [
+        "ledger_http_requests_total": "HTTP requests answered, by route template, method and status.",
+        "ledger_http_request_duration_seconds": "Time to answer an HTTP request, by route template.",
+        "ledger_idempotency_outcomes_total": "Keyed POSTs by idempotency outcome: executed, replayed, reused (422), in_progress (409).",
+        "ledger_idempotent_replays_total": "Keyed POSTs answered with a stored outcome (Idempotent-Replayed: true).",
+        "ledger_idempotency_key_reused_total": "Keyed POSTs refused 422 idempotency-key-reused: a key sent with another request.",
+        "ledger_idempotency_key_in_progress_total": "Keyed POSTs refused 409 idempotency-key-in-progress: the key was busy past the wait.",
+        "ledger_transfer_problems_total": "Stored business failures executed now, by problem code.",
+        "ledger_insufficient_funds_total": "Stored 422 insufficient-funds failures executed now.",
+        "ledger_db_errors_total": "Database failures, by SQLSTATE class (none without one) and client library kind.",
+        "ledger_holds_total": "Hold operations executed now: placed, captured, voided, or the stored problem code.",
+        "ledger_reversals_total": "Reversals executed now: reversed, or the stored problem code.",
+        "ledger_wait_preferences_total": "Keyed POSTs that sent Prefer: wait=N.",
+        "ledger_idempotency_key_lookups_total": "GET /v1/idempotency-keys/{key} answers, by state.",
+        "ledger_precondition_failed_total": "Stored 412 version-mismatch failures executed now (a stale If-Match).",
+        "ledger_batch_items_total": "Items of batches executed now: succeeded, failed, or rolled_back (an atomic batch with a failed item).",
+        "ledger_db_pool_connections": "Database connections of this process's pool, by state (in_use, idle).",
+        "ledger_db_pool_waiting": "Requests waiting for a database connection of the pool.",
+        "ledger_events_waiters": "GET /v1/events requests of this process waiting for an event now.",
+        "ledger_events_appended": "Events appended to the feed so far (all clients).",
+        "ledger_webhook_deliveries_total": "Webhook delivery attempts by outcome: delivered, retry, failed (attempts exhausted), gone (410).",
+        "ledger_webhook_delivery_lag_seconds": "Time from an event's commit to its webhook's 2xx.",
+        "ledger_webhook_deliveries_pending": "Webhook deliveries waiting to be attempted (all clients).",
+        "ledger_webhook_deliveries_failed": "Webhook deliveries that exhausted their attempts (all clients).",
+    ]
+
+    /// Creates at zero every series whose labels are known in advance, so that each family is exported from the
+    /// start (a rate over a series that appears with its first event misses that event). Request series exist per
+    /// route with its usual success status; database errors with the kind of an unreachable server.
+    static func prepare(routes: [(method: String, pattern: String)]) {
+        for route in routes {
+            let status = route.method == "POST" ? "201" : "200"
+            _ = counter("ledger_http_requests_total", [("route", route.pattern), ("method", route.method), ("status", status)])
+            _ = timer("ledger_http_request_duration_seconds", [("route", route.pattern)])
+        }
+        for outcome in ["executed", "replayed", "reused", "in_progress"] {
+            _ = counter("ledger_idempotency_outcomes_total", [("outcome", outcome)])
+        }
+        for name in [
+            "ledger_idempotent_replays_total", "ledger_idempotency_key_reused_total",
+            "ledger_idempotency_key_in_progress_total", "ledger_insufficient_funds_total",
+            "ledger_precondition_failed_total", "ledger_wait_preferences_total",
+        ] {
+            _ = counter(name)
+        }
+        for code in ["account-not-found", "insufficient-funds", "currency-mismatch", "balance-overflow", "version-mismatch"] {
+            _ = counter("ledger_transfer_problems_total", [("code", code)])
+        }
+        _ = counter("ledger_db_errors_total", [("sqlstate_class", "none"), ("kind", "connectionFailed")])
+        for outcome in ["placed", "captured", "voided"] { _ = counter("ledger_holds_total", [("outcome", outcome)]) }
+        _ = counter("ledger_reversals_total", [("outcome", "reversed")])
+        for state in ["completed", "in_progress", "consumed", "not_found"] {
+            _ = counter("ledger_idempotency_key_lookups_total", [("state", state)])
+        }
+        batchItems((0, 0, 0))
+        Gauge(label: "ledger_db_pool_connections", dimensions: [("state", "in_use")]).record(0)
+        Gauge(label: "ledger_db_pool_connections", dimensions: [("state", "idle")]).record(0)
+        Gauge(label: "ledger_db_pool_waiting").record(0)
+        Gauge(label: "ledger_events_waiters").record(0)
+        for outcome in ["delivered", "retry", "failed", "gone"] {
+            _ = counter("ledger_webhook_deliveries_total", [("outcome", outcome)])
+        }
+        _ = timer("ledger_webhook_delivery_lag_seconds")
+    }
+
+    /// The exposition with a `# HELP` line before each family's `# TYPE` line.
+    static func withHelp(_ exposition: [UInt8]) -> [UInt8] {
+        var text = ""
+        for line in String(decoding: exposition, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false) {
+            if line.hasPrefix("# TYPE "), let name = line.dropFirst(7).split(separator: " ").first,
+                let help = help[String(name)]
+            {
+                text += "# HELP \(name) \(help)\n"
+            }
+            text += line + "\n"
+        }
+        return Array(text.dropLast().utf8)
     }
 
     /// `ledger_holds_total{outcome}`: placed, captured, voided, or the code of the stored failure; replays are not
@@ -117,6 +196,13 @@ enum LedgerMetrics {
 
     static func preconditionFailed() {
         counter("ledger_precondition_failed_total").increment()
+    }
+
+    /// `ledger_batch_items_total{outcome}`: the items of batches executed now (replays are not counted).
+    static func batchItems(_ items: (succeeded: Int, failed: Int, rolledBack: Int)) {
+        counter("ledger_batch_items_total", [("outcome", "succeeded")]).increment(by: items.succeeded)
+        counter("ledger_batch_items_total", [("outcome", "failed")]).increment(by: items.failed)
+        counter("ledger_batch_items_total", [("outcome", "rolled_back")]).increment(by: items.rolledBack)
     }
 
     private static let waiting = Mutex(0)

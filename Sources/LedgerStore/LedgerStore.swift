@@ -285,15 +285,101 @@ public struct LedgerStore: Sendable {
     /// The client a bearer token acts for, or nil for an unknown token. Looked up by SHA-256: the token itself is
     /// never stored nor sent to the database.
     public func client(forToken token: String) async throws -> String? {
+        try await acceptedToken(token)?.client
+    }
+
+    /// What an accepted token acts for: its client and, for a token that expires, the time left until it does.
+    public struct AcceptedToken: Sendable, Equatable {
+        public var client: String
+        public var expiresIn: Duration?
+    }
+
+    /// The client of a token that is neither revoked nor expired, or nil.
+    public func acceptedToken(_ token: String) async throws -> AcceptedToken? {
         try await mappingErrors {
             let rows = try await pool.query(
-                "SELECT client_id FROM ledger.api_tokens WHERE token_sha256 = $1", [.bytea(Self.tokenDigest(token))])
-            return try rows.first?.decode(String.self, "client_id")
+                """
+                SELECT client_id, (ceil(EXTRACT(EPOCH FROM expires_at - now()) * 1000))::bigint AS expires_in_ms
+                FROM ledger.api_tokens
+                WHERE token_sha256 = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())
+                """,
+                [.bytea(Self.tokenDigest(token))])
+            guard let row = rows.first else { return nil }
+            return AcceptedToken(
+                client: try row.decode(String.self, "client_id"),
+                expiresIn: try row.decodeIfPresent(Int64.self, "expires_in_ms").map { .milliseconds($0) })
+        }
+    }
+
+    /// One token as `ledger token list` shows it; never the token itself.
+    public struct TokenInfo: Sendable, Equatable {
+        /// The first 16 hex digits of the token's SHA-256: what `ledger token revoke` takes.
+        public var id: String
+        public var client: String
+        public var createdAt: String
+        public var expiresAt: String?
+        public var revokedAt: String?
+        /// active, expired or revoked.
+        public var state: String
+    }
+
+    /// A client's tokens, oldest first.
+    public func tokens(client: String) async throws -> [TokenInfo] {
+        try await mappingErrors {
+            let rows = try await pool.query(
+                """
+                SELECT left(encode(token_sha256, 'hex'), 16) AS id, client_id,
+                       ledger.rfc3339(created_at) AS created_at, ledger.rfc3339(expires_at) AS expires_at,
+                       ledger.rfc3339(revoked_at) AS revoked_at,
+                       CASE WHEN revoked_at IS NOT NULL THEN 'revoked'
+                            WHEN expires_at <= now() THEN 'expired' ELSE 'active' END AS state
+                FROM ledger.api_tokens WHERE client_id = $1 ORDER BY created_at, token_sha256
+                """,
+                [.string(client)])
+            return try rows.rows.map { row in
+                TokenInfo(
+                    id: try row.decode(String.self, "id"), client: try row.decode(String.self, "client_id"),
+                    createdAt: try row.decode(String.self, "created_at"),
+                    expiresAt: try row.decodeIfPresent(String.self, "expires_at"),
+                    revokedAt: try row.decodeIfPresent(String.self, "revoked_at"),
+                    state: try row.decode(String.self, "state"))
+            }
+        }
+    }
+
+    public enum RevokeOutcome: Sendable, Equatable {
+        case revoked(client: String)
+        case alreadyRevoked(client: String)
+        case notFound
+    }
+
+    /// Revokes the token of this id (`TokenInfo.id`). Idempotent: a second revocation changes nothing.
+    public func revokeToken(id: String) async throws -> RevokeOutcome {
+        try await mappingErrors {
+            // The id is a prefix of the key: a range scan of the primary key, not a scan of the table.
+            guard id.utf8.count == 16, id.allSatisfy(\.isHexDigit) else { return .notFound }
+            let rows = try await pool.query(
+                """
+                WITH target AS (
+                    SELECT token_sha256, client_id, revoked_at FROM ledger.api_tokens
+                    WHERE token_sha256 >= decode($1, 'hex') AND substr(token_sha256, 1, 8) = decode($1, 'hex')
+                    FOR UPDATE
+                ), revoked AS (
+                    UPDATE ledger.api_tokens t SET revoked_at = now()
+                    FROM target WHERE t.token_sha256 = target.token_sha256 AND target.revoked_at IS NULL
+                    RETURNING t.client_id
+                )
+                SELECT client_id, EXISTS (SELECT 1 FROM revoked) AS revoked_now FROM target
+                """,
+                [.string(id)])
+            guard let row = rows.first else { return .notFound }
+            let client = try row.decode(String.self, "client_id")
+            return try row.decode(Bool.self, "revoked_now") ? .revoked(client: client) : .alreadyRevoked(client: client)
         }
     }
 
     /// Creates the client if new and a new token for it; returns the token, which is not stored anywhere.
-    public func createToken(client: String) async throws -> String {
+    public func createToken(client: String, expiresInSeconds: Int? = nil) async throws -> String {
         try await mappingErrors {
             precondition(LedgerRules.isValidAccountID(client), "client names follow the account id pattern")
             var generator = SystemRandomNumberGenerator()
@@ -303,11 +389,19 @@ public struct LedgerStore: Sendable {
                 try await connection.query(
                     "INSERT INTO ledger.clients (id) VALUES ($1) ON CONFLICT DO NOTHING", [.string(client)])
                 try await connection.query(
-                    "INSERT INTO ledger.api_tokens (token_sha256, client_id) VALUES ($1, $2)",
-                    [.bytea(Self.tokenDigest(token)), .string(client)])
+                    """
+                    INSERT INTO ledger.api_tokens (token_sha256, client_id, expires_at)
+                    VALUES ($1, $2, now() + make_interval(secs => $3))
+                    """,
+                    [.bytea(Self.tokenDigest(token)), .string(client), expiresInSeconds.map { .int64(Int64($0)) } ?? .null])
             }
             return token
         }
+    }
+
+    /// The public id of a token: the first 16 hex digits of its SHA-256.
+    public static func tokenID(_ token: String) -> String {
+        String(Hex.encode(tokenDigest(token)).prefix(16))
     }
 
     public static func tokenDigest(_ token: String) -> Data {
@@ -342,6 +436,11 @@ public struct LedgerStore: Sendable {
     @discardableResult
     public func migrate(_ migrator: Migrator) async throws -> [String] {
         try await mappingErrors { try await migrator.migrate(pool: pool) }
+    }
+
+    /// Distributes the migrated schema over a Citus cluster (`Migrator.distribute`).
+    public func distribute(_ migrator: Migrator) async throws -> [String] {
+        try await mappingErrors { try await migrator.distribute(pool: pool) }
     }
 
     /// Closes every connection; calls after this fail as unavailable. For graceful shutdown, after the last request.

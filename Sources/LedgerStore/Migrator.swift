@@ -56,15 +56,30 @@ public struct Migrator: Sendable {
     static let repairFirst: [String: String] = ["0001": "0007"]
 
     public let migrations: [Migration]
+    /// The files of `sql/citus/`, which distribute the schema over a Citus cluster (`ledger migrate --citus`). Unlike
+    /// migrations they are not recorded: every one is idempotent and all run on every `--citus` run, so that tables
+    /// and functions of later migrations get distributed too.
+    public let citusScripts: [Migration]
     let logger: Logger
 
-    public init(migrations: [Migration], logger: Logger) {
+    public init(migrations: [Migration], citusScripts: [Migration] = [], logger: Logger) {
         self.migrations = migrations
+        self.citusScripts = citusScripts
         self.logger = logger
     }
 
-    /// Reads `NNNN_name.sql` files from `directory`, in order.
+    /// Reads `NNNN_name.sql` files from `directory`, in order, and those of its `citus/` subdirectory if there is one.
     public static func load(directory: URL, logger: Logger) throws -> Migrator {
+        let citus = directory.appendingPathComponent("citus")
+        var isDirectory: ObjCBool = false
+        let citusScripts =
+            FileManager.default.fileExists(atPath: citus.path, isDirectory: &isDirectory) && isDirectory.boolValue
+            ? try files(in: citus) : []
+        return Migrator(migrations: try files(in: directory), citusScripts: citusScripts, logger: logger)
+    }
+
+    /// The `NNNN_name.sql` files of one directory, in order.
+    static func files(in directory: URL) throws -> [Migration] {
         let names = try FileManager.default.contentsOfDirectory(atPath: directory.path)
             .filter { $0.hasSuffix(".sql") }
             .sorted()
@@ -79,7 +94,7 @@ public struct Migrator: Sendable {
             let digest = Hex.encode(SHA256.hash(data: Data(sql.utf8)))
             migrations.append(Migration(version: version, name: name, sql: sql, sha256: digest))
         }
-        return Migrator(migrations: migrations, logger: logger)
+        return migrations
     }
 
     /// Where the migrations are: `$LEDGER_SQL_DIR`, else `./sql`, else a `sql/` beside or above the executable
@@ -141,6 +156,20 @@ public struct Migrator: Sendable {
                 }
             }
             return appliedNow
+        }
+    }
+
+    /// After `migrate`: runs every file of `sql/citus/` in order, each in a transaction of its own under the
+    /// migration lock, on the coordinator of a Citus cluster. The files check what is already distributed, so a
+    /// rerun changes nothing and a run after new migrations distributes what they added. Returns the names run.
+    @discardableResult
+    public func distribute(pool: PostgresPool) async throws -> [String] {
+        try await pool.withConnection { connection in
+            for script in citusScripts {
+                try await locked(connection) { connection in try await connection.executeScript(script.sql) }
+                logger.info("ran Citus script", metadata: ["migration.name": "\(script.name)"])
+            }
+            return citusScripts.map(\.name)
         }
     }
 

@@ -54,6 +54,11 @@ struct DatabaseOptions: ParsableArguments {
         }
     }
 
+    /// `withStore` with a logger of this label: the whole of a short command's database work.
+    func withStore<T: Sendable>(label: String, _ body: (LedgerStore) async throws -> T) async throws -> T {
+        try await withStore(logger: try makeLogger(label: label), body)
+    }
+
     func makeLogger(label: String) throws -> Logger {
         let levelName = logLevel ?? Environment.string("LOG_LEVEL") ?? "info"
         guard let level = Logger.Level(rawValue: levelName.lowercased()) else {
@@ -124,18 +129,27 @@ extension LedgerCommand {
         @Option(name: .customLong("sql-dir"), help: "Directory of the migration files (env: LEDGER_SQL_DIR; default: ./sql, or sql/ beside the executable).")
         var sqlDirectory: String?
 
+        @Flag(name: .customLong("citus"), help: "Then distribute the schema over the Citus cluster whose coordinator this is: run every file of sql/citus/ (idempotent; see docs/scaling.md).")
+        var citus = false
+
         func run() async throws {
             let logger = try database.makeLogger(label: "ledger.migrate")
             let directory = try sqlDirectory.map { URL(fileURLWithPath: $0) } ?? Migrator.locateDirectory()
             let migrator = try Migrator.load(directory: directory, logger: logger)
-            let applied = try await database.withStore(logger: logger) { try await $0.migrate(migrator) }
+            if citus && migrator.citusScripts.isEmpty {
+                throw ValidationError("--citus: no citus/ directory with scripts in \(directory.path)")
+            }
+            let (applied, distributed) = try await database.withStore(logger: logger) { store in
+                (try await store.migrate(migrator), citus ? try await store.distribute(migrator) : [])
+            }
             print(applied.isEmpty ? "ledger migrate: up to date" : "ledger migrate: applied \(applied.joined(separator: ", "))")
+            if citus { print("ledger migrate: distributed over Citus (\(distributed.joined(separator: ", ")))") }
         }
     }
 
     struct Token: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Manage bearer tokens.", subcommands: [Create.self])
+            abstract: "Manage bearer tokens.", subcommands: [Create.self, List.self, Revoke.self])
 
         struct Create: AsyncParsableCommand {
             static let configuration = CommandConfiguration(
@@ -150,13 +164,60 @@ extension LedgerCommand {
                 guard LedgerRules.isValidAccountID(client) else {
                     throw ValidationError("client name must match [A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
                 }
+                if let expiresInSeconds, !(1...315_360_000).contains(expiresInSeconds) {
+                    throw ValidationError("--expires-in-s must be within 1...315360000, not \(expiresInSeconds)")
+                }
             }
+
+            @Option(name: .customLong("expires-in-s"), help: "Seconds the token is accepted for, 1-315360000 (default: no expiry).")
+            var expiresInSeconds: Int?
 
             func run() async throws {
                 let logger = try database.makeLogger(label: "ledger.token")
-                let token = try await database.withStore(logger: logger) { try await $0.createToken(client: client) }
-                FileHandle.standardError.write(Data("created a token for client \(client); it is shown once:\n".utf8))
+                let token = try await database.withStore(logger: logger) {
+                    try await $0.createToken(client: client, expiresInSeconds: expiresInSeconds)
+                }
+                let expiry = expiresInSeconds.map { ", expires in \($0) s" } ?? ""
+                FileHandle.standardError.write(
+                    Data("created token \(LedgerStore.tokenID(token)) for client \(client)\(expiry); it is shown once:\n".utf8))
                 print(token)
+            }
+        }
+
+        struct List: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "List a client's tokens, one line each: id, state (active, expired, revoked), created, expires, revoked (- when none). Never the tokens themselves.")
+
+            @OptionGroup var database: DatabaseOptions
+
+            @Argument(help: "Client name.")
+            var client: String
+
+            func run() async throws {
+                for token in try await database.withStore(label: "ledger.token", { try await $0.tokens(client: client) }) {
+                    print([token.id, token.state, token.createdAt, token.expiresAt ?? "-", token.revokedAt ?? "-"]
+                        .joined(separator: " "))
+                }
+            }
+        }
+
+        struct Revoke: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Revoke a token by its id (`ledger token list`). A running service refuses it (401) within its auth cache TTL (LEDGER_AUTH_CACHE_TTL_MS, default 30 s). Exit 1 when no token has this id.")
+
+            @OptionGroup var database: DatabaseOptions
+
+            @Argument(help: "The token's id: 16 hex digits, as `ledger token list` and `ledger token create` show it.")
+            var id: String
+
+            func run() async throws {
+                switch try await database.withStore(label: "ledger.token", { try await $0.revokeToken(id: id.lowercased()) }) {
+                case .revoked(let client): print("ledger token revoke: revoked \(id) of client \(client)")
+                case .alreadyRevoked(let client): print("ledger token revoke: \(id) of client \(client) was already revoked")
+                case .notFound:
+                    FileHandle.standardError.write(Data("ledger token revoke: no token has the id \(id)\n".utf8))
+                    throw ExitCode(1)
+                }
             }
         }
     }

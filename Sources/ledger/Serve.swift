@@ -94,6 +94,9 @@ extension LedgerCommand {
         @Option(name: .customLong("shutdown-grace-s"), help: "On SIGTERM/SIGINT, seconds in-flight requests get to finish before they are cancelled (env: LEDGER_SHUTDOWN_GRACE_S; default: 25).")
         var shutdownGraceSeconds: Int?
 
+        @Option(name: .customLong("drain-s"), help: "On SIGTERM/SIGINT, seconds /health/ready answers 503 while every request is still served, before the listener closes: set it above the balancer's probe interval (env: LEDGER_DRAIN_S; default: 0).")
+        var drainSeconds: Int?
+
         func run() async throws {
             Self.boundMallocArenas()
             let logger = try database.makeLogger(label: "ledger")
@@ -146,6 +149,7 @@ extension LedgerCommand {
                 migrateAtStart: !(noMigrate || Environment.bool("LEDGER_NO_MIGRATE")),
                 migrationsDirectory: sqlDirectory ?? Environment.string("LEDGER_SQL_DIR")
             )
+            let readiness = Readiness()
             let registry = PrometheusCollectorRegistry()
             MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
             // The store answers 503s with the same Retry-After as the HTTP layer's 409s: one flag, both layers.
@@ -160,13 +164,18 @@ extension LedgerCommand {
                         "LEDGER_HOLD_SWEEP_INTERVAL_MS", flag: holdSweepIntervalMilliseconds, default: 1_000,
                         range: 10...3_600_000)),
                 logger: logger)
+            let drain = DrainService(
+                readiness: readiness,
+                delay: .seconds(try Environment.int("LEDGER_DRAIN_S", flag: drainSeconds, default: 0, range: 0...3_600)),
+                logger: logger)
             let deliveries = WebhookDeliveryService(store: store, options: try events.deliveryOptions(), logger: logger)
             let app = try buildApplication(
                 store: store, configuration: configuration, services: [purge, sweep, deliveries], metricsRegistry: registry,
-                logger: logger)
-            // SIGTERM/SIGINT: stop accepting, let in-flight requests finish (bounded), then close the pool.
+                readiness: readiness, logger: logger)
+            // SIGTERM/SIGINT: /health/ready fails and the drain delay runs (the drain is last, so it stops first);
+            // then stop accepting, let in-flight requests finish (bounded), then close the pool.
             var group = ServiceGroupConfiguration(
-                services: [app], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+                services: [app, drain], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
             group.maximumGracefulShutdownDuration = .seconds(
                 try Environment.int("LEDGER_SHUTDOWN_GRACE_S", flag: shutdownGraceSeconds, default: 25, range: 1...3_600))
             group.maximumCancellationDuration = .seconds(5)

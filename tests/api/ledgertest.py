@@ -30,6 +30,11 @@ PG_ADMIN = os.environ.get("LEDGER_TEST_PG", "")
 # migrations and the other CLI commands stay on LEDGER_TEST_PG.
 SERVE_PG = os.environ.get("LEDGER_TEST_SERVE_PG", "") or PG_ADMIN
 
+# A Citus cluster (scripts/test-citus): LEDGER_TEST_PG is its coordinator and these are the ports of its workers, on
+# the same host. Every test database is then made on each node with the citus extension, and migrated with
+# `ledger migrate --citus`.
+CITUS_WORKERS = os.environ.get("LEDGER_TEST_CITUS_WORKERS", "").split()
+
 TIMEOUT = 30  # seconds, for every HTTP request
 AMOUNT_MAX = 9007199254740991  # 2^53 - 1
 INT64_MAX = 9223372036854775807
@@ -100,22 +105,47 @@ def psql(dbname: str, sql: str, check: bool = True) -> str:
     return proc.stdout.strip()
 
 
+def worker_conninfo(port: str, dbname: str) -> str:
+    parts = conninfo_parts()
+    parts.update(port=port, dbname=dbname)
+    return " ".join(f"{key}={value}" for key, value in parts.items())
+
+
+def worker_psql(port: str, dbname: str, sql: str, check: bool = True) -> None:
+    proc = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", worker_conninfo(port, dbname), "-c", sql],
+                          capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"psql on worker {port} failed for {sql!r}:\n{proc.stderr}")
+
+
 def create_database(prefix: str = "ledger_api") -> str:
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     psql("postgres", f'CREATE DATABASE "{name}"')
+    if CITUS_WORKERS:
+        for port in CITUS_WORKERS:
+            worker_psql(port, "postgres", f'CREATE DATABASE "{name}"')
+            worker_psql(port, name, "CREATE EXTENSION citus")
+        coordinator = conninfo_parts().get("port", "5432")
+        psql(name, "CREATE EXTENSION citus")
+        psql(name, f"SELECT citus_set_coordinator_host('127.0.0.1', {coordinator})")
+        for port in CITUS_WORKERS:
+            psql(name, f"SELECT citus_add_node('127.0.0.1', {port})")
     return name
 
 
 def drop_database(name: str) -> None:
     psql("postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', check=False)
+    for port in CITUS_WORKERS:
+        worker_psql(port, "postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', check=False)
 
 
 class PsqlSession:
     """A long-lived psql process, to hold locks inside an open transaction while requests run."""
 
-    def __init__(self, dbname: str):
+    def __init__(self, dbname: str, port: str | None = None):
+        target = worker_conninfo(port, dbname) if port else conninfo(dbname)
         self.proc = subprocess.Popen(
-            ["psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", conninfo(dbname)],
+            ["psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", target],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -181,7 +211,7 @@ def holding_account_lock(dbname: str, client: str, account: str):
 def holding_key_lock(dbname: str, client: str, key: str):
     """Holds the advisory lock the service takes for an execution of (client, key) for the length of the block, as
     if another execution of the key were in progress."""
-    holder = PsqlSession(dbname)
+    holder = PsqlSession(dbname, client_node_port(dbname, client))
     try:
         holder.query_line(f"SELECT pg_advisory_lock(ledger.key_lock_id({sql_literal(client)}, {sql_literal(key)}))")
         yield holder
@@ -192,15 +222,27 @@ def holding_key_lock(dbname: str, client: str, key: str):
             holder.close()
 
 
+def client_node_port(dbname: str, client: str) -> str | None:
+    """On a Citus cluster, the port of the worker that holds the client's rows and runs its requests (advisory locks
+    are per node: a lock that a request must meet is taken there); None on a single server."""
+    if not CITUS_WORKERS:
+        return None
+    return psql(dbname, "SELECT n.nodeport FROM pg_dist_placement p JOIN pg_dist_node n ON n.groupid = p.groupid "
+                f"WHERE p.shardid = get_shard_id_for_distribution_column('ledger.accounts', {sql_literal(client)})")
+
+
 def wait_for_lock_waiter(dbname: str, timeout: float = 10) -> None:
-    """Waits until some backend of the database waits on a lock (a request is blocked behind our held lock)."""
+    """Waits until some backend of the database waits on a lock (a request is blocked behind our held lock); on a
+    Citus cluster, on any node."""
     deadline = time.monotonic() + timeout
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
     while time.monotonic() < deadline:
-        n = psql(
-            dbname,
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        if int(n) >= 1:
+        counts = [psql(dbname, query)]
+        for port in CITUS_WORKERS:
+            proc = subprocess.run(["psql", "-X", "-A", "-t", "-q", "-d", worker_conninfo(port, dbname), "-c", query],
+                                  capture_output=True, text=True, timeout=30)
+            counts.append(proc.stdout.strip() or "0")
+        if any(int(n) >= 1 for n in counts):
             return
         time.sleep(0.05)
     raise AssertionError("no request got blocked behind the held lock within the timeout")
@@ -230,7 +272,7 @@ def create_token(dbname: str, client: str) -> str:
 
 
 def migrate(dbname: str) -> None:
-    proc = run_ledger(["migrate"], dbname)
+    proc = run_ledger(["migrate", "--citus"] if CITUS_WORKERS else ["migrate"], dbname)
     assert proc.returncode == 0, f"ledger migrate failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
 
 

@@ -98,6 +98,67 @@ def test_token_create_refuses_invalid_client_names(scratch_db, name):
     assert lt.psql(scratch_db, "SELECT count(*) FROM ledger.clients") == "0"
 
 
+def token_list(db, client):
+    proc = lt.run_ledger(["token", "list", client], db)
+    assert proc.returncode == 0, output(proc)
+    return [line.split(" ") for line in proc.stdout.splitlines() if line.strip()]
+
+
+def test_token_list_and_revoke(scratch_db, log_dir):
+    lt.migrate(scratch_db)
+    kept = lt.create_token(scratch_db, "life")
+    revoked = lt.create_token(scratch_db, "life")
+    lines = token_list(scratch_db, "life")
+    assert len(lines) == 2 and all(len(line) == 5 for line in lines), lines
+    ids = {line[0] for line in lines}
+    assert all(re.fullmatch(r"[0-9a-f]{16}", i) for i in ids) and all(line[1] == "active" for line in lines), lines
+    assert kept not in str(lines) and revoked not in str(lines)
+    revoked_id = next(i for i in ids if lt.psql(
+        scratch_db, f"SELECT left(encode(token_sha256, 'hex'), 16) FROM ledger.api_tokens WHERE token_sha256 = sha256({lt.sql_literal(revoked)}::bytea)") == i)
+    # A server that caches known tokens for 1 s: the revoked token is refused within that.
+    srv = lt.LedgerServer.healthy(scratch_db, ["--auth-cache-ttl-ms", "1000"], log_dir=log_dir)
+    try:
+        api_kept, api_revoked = lt.Api(srv.base, kept, "life"), lt.Api(srv.base, revoked, "life")
+        lt.assert_json(api_revoked.put_account("acct"), 201)
+        proc = lt.run_ledger(["token", "revoke", revoked_id], scratch_db)
+        assert proc.returncode == 0 and "revoked" in proc.stdout, output(proc)
+        again = lt.run_ledger(["token", "revoke", revoked_id], scratch_db)
+        assert again.returncode == 0 and "already revoked" in again.stdout, output(again)
+        time.sleep(1.2)
+        lt.assert_problem(api_revoked.get_account("acct"), 401, "unauthorized")
+        lt.assert_json(api_kept.get_account("acct"), 200)
+    finally:
+        srv.stop()
+    states = {line[0]: (line[1], line[4]) for line in token_list(scratch_db, "life")}
+    assert states[revoked_id][0] == "revoked" and states[revoked_id][1] != "-", states
+    assert [state for i, (state, _) in states.items() if i != revoked_id] == ["active"], states
+    unknown = lt.run_ledger(["token", "revoke", "0123456789abcdef"], scratch_db)
+    assert unknown.returncode == 1 and "no token" in unknown.stderr, output(unknown)
+
+
+def test_an_expiring_token_is_refused_at_its_expiry_whatever_the_cache(scratch_db, log_dir):
+    lt.migrate(scratch_db)
+    proc = lt.run_ledger(["token", "create", "brief", "--expires-in-s", "2"], scratch_db)
+    assert proc.returncode == 0, output(proc)
+    token = proc.stdout.strip().splitlines()[-1]
+    assert re.search(r"created token [0-9a-f]{16} for client brief, expires in 2 s", proc.stderr), proc.stderr
+    # The default 30 s cache: an expiring token is never cached past its expiry.
+    srv = lt.LedgerServer.healthy(scratch_db, log_dir=log_dir)
+    try:
+        api = lt.Api(srv.base, token, "brief")
+        started = time.monotonic()
+        lt.assert_json(api.put_account("acct"), 201)
+        time.sleep(max(0, 2.3 - (time.monotonic() - started)))
+        lt.assert_problem(api.get_account("acct"), 401, "unauthorized")
+    finally:
+        srv.stop()
+    [line] = token_list(scratch_db, "brief")
+    assert line[1] == "expired" and line[3] != "-", line
+    for bad in ("0", "-5", "x"):
+        refused = lt.run_ledger(["token", "create", "brief", "--expires-in-s", bad], scratch_db)
+        assert refused.returncode != 0, output(refused)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # verify
 

@@ -315,7 +315,10 @@ def test_statement_timeout_of_one_process_stays_with_it(api_a, main_db, start_se
     request of the session's server (default bound, 10 s) that waits over a second on a row lock still succeeds."""
     short = start_server(["--no-migrate", "--statement-timeout-ms", "300"])
     api_short = api_a.clone(short.base)
-    lt.parallel([lambda: api_short.clone().new_account("XLK") for _ in range(32)])
+    # Only that its statements ran matters: on a loaded machine (or a Citus cluster, one more hop per call) some may
+    # exceed the 300 ms bound, and a 503 then is that bound doing its job.
+    warmups = lt.parallel([lambda: api_short.clone().put_account(lt.uid("acct-"), "XLK") for _ in range(32)])
+    assert all(r.status_code in (201, 503) for r in warmups), [lt.describe(r) for r in warmups if r.status_code != 201]
     account = api_a.new_account("XLK")
     key = lt.uid("noleak-")
     result = {}

@@ -457,13 +457,14 @@ def wait_past(sql, hold_id, timeout=10):
 
 
 @contextlib.contextmanager
-def sweep_blocked(main_db, hold_id):
+def sweep_blocked(main_db, client, hold_id):
     """Holds a row lock on the hold, so that no sweep can record its expiry during the block (requests that only
     read the hold or touch its account must not need that lock)."""
     holder = lt.PsqlSession(main_db)
     try:
         holder.send("BEGIN")
-        got = holder.query_line(f"SELECT id FROM ledger.holds WHERE id = {int(hold_id)} FOR UPDATE")
+        got = holder.query_line(f"SELECT id FROM ledger.holds WHERE client_id = {lt.sql_literal(client)} "
+                                f"AND id = {int(hold_id)} FOR UPDATE")
         assert got == str(hold_id), got
         yield holder
     finally:
@@ -482,7 +483,7 @@ def test_expiry_takes_effect_at_once_without_the_sweep(api_a, main_db, sql):
     long = placed(api, alice, 100, bob)
     assert money(api, alice) == (1000, 400, 600, 1)
     lt.assert_problem(api.debit(alice, 601), 422, "insufficient-funds")
-    with sweep_blocked(main_db, h["id"]):
+    with sweep_blocked(main_db, api.client, h["id"]):
         wait_past(sql, h["id"])
         assert sql(f"SELECT status FROM ledger.holds WHERE id = {int(h['id'])}") == "pending", "not yet recorded"
         got = hold_now(api, h["id"])
@@ -513,7 +514,7 @@ def test_released_money_of_expired_hold_is_spendable_before_the_sweep(api_a, mai
     bob = api.new_account()
     h = placed(api, alice, 300, bob, expires_in_s=1)
     placed(api, alice, 100, bob)
-    with sweep_blocked(main_db, h["id"]):
+    with sweep_blocked(main_db, api.client, h["id"]):
         wait_past(sql, h["id"])
         assert money(api, alice) == (1000, 100, 900, 1)
         if spend == "debit":

@@ -35,6 +35,44 @@ def test_metrics_count_replays_reuse_and_insufficient_funds(api_a, server):
     assert account not in text and key not in text, "metrics must never carry ids or keys"
 
 
+FAMILIES = [
+    "ledger_http_requests_total", "ledger_http_request_duration_seconds", "ledger_idempotency_outcomes_total",
+    "ledger_idempotent_replays_total", "ledger_idempotency_key_reused_total", "ledger_idempotency_key_in_progress_total",
+    "ledger_transfer_problems_total", "ledger_insufficient_funds_total", "ledger_db_errors_total", "ledger_holds_total",
+    "ledger_reversals_total", "ledger_wait_preferences_total", "ledger_idempotency_key_lookups_total",
+    "ledger_precondition_failed_total", "ledger_batch_items_total", "ledger_db_pool_connections",
+    "ledger_db_pool_waiting",
+]
+
+
+def test_every_metric_family_is_there_from_the_start_with_help(main_db, log_dir):
+    srv = lt.LedgerServer.healthy(main_db, ["--no-migrate"], log_dir=log_dir)
+    try:
+        text = requests.get(srv.base + "/metrics", timeout=lt.TIMEOUT).text
+    finally:
+        srv.stop()
+    types = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    helped = set(re.findall(r"^# HELP (\S+) \S", text, re.M))
+    assert set(FAMILIES) <= types, sorted(set(FAMILIES) - types)
+    assert types <= helped, f"families without # HELP: {sorted(types - helped)}"
+    assert 'ledger_batch_items_total{outcome="failed"} 0' in text
+
+
+def test_failed_batch_items_are_counted(api_a, server):
+    before = {o: metric(server.base, f'ledger_batch_items_total{{outcome="{o}"}}') for o in ("succeeded", "failed", "rolled_back")}
+    rich, poor = api_a.funded_account(100), api_a.new_account()
+    items = [{"from": rich, "to": poor, "amount": 10, "currency": "USD"},
+             {"from": poor, "to": rich, "amount": 1000, "currency": "USD"},
+             {"from": rich, "to": poor, "amount": 5, "currency": "USD"}]
+    lt.assert_json(api_a.post("/v1/transfers/batch", {"atomic": False, "transfers": items}, key=lt.uid("b-")), 201)
+    r = api_a.post("/v1/transfers/batch", {"atomic": True, "transfers": items}, key=lt.uid("b-"))
+    assert r.status_code == 422, lt.describe(r)
+    after = {o: metric(server.base, f'ledger_batch_items_total{{outcome="{o}"}}') for o in before}
+    assert after["succeeded"] - before["succeeded"] >= 2
+    assert after["failed"] - before["failed"] >= 2
+    assert after["rolled_back"] - before["rolled_back"] >= 2
+
+
 def test_request_id_is_echoed_or_generated(api_a):
     r = api_a.request("GET", "/v1/accounts/nobody", headers={"X-Request-Id": "trace-42"})
     assert r.headers.get("X-Request-Id") == "trace-42"

@@ -80,6 +80,30 @@ def test_sigterm_lets_an_in_flight_request_finish_then_exits_cleanly(own_db, ser
     assert lt.psql(own_db, f"SELECT balance FROM ledger.accounts WHERE id = {lt.sql_literal(account)}") == "900"
 
 
+def test_sigterm_fails_readiness_but_keeps_serving_through_the_drain(own_db, serve):
+    server = serve(["--drain-s", "3"])
+    api = client_api(own_db, server)
+    account = api.funded_account(1000)
+    assert requests.get(server.base + "/health/ready", timeout=5).status_code == 200
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = started + 2
+    while True:
+        ready = requests.get(server.base + "/health/ready", timeout=5)
+        if ready.status_code == 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    lt.assert_problem(ready, 503, "shutting-down")
+    assert ready.headers["Retry-After"].isdigit()
+    # Still draining: liveness holds and requests are served in full.
+    live = requests.get(server.base + "/health/live", timeout=5)
+    assert live.status_code == 200 and live.json() == {"status": "ok"}
+    lt.assert_first(api.debit(account, 100, key=lt.uid("k-")), 201)
+    assert time.monotonic() - started < 3, "the checks above must run within the drain"
+    assert server.proc.wait(timeout=20) == 0, server.log_tail()
+    assert time.monotonic() - started >= 3, "the listener closed before the drain ended"
+
+
 def test_in_flight_requests_are_cut_after_the_shutdown_grace(own_db, serve):
     server = serve(["--key-wait-ms", "30000", "--shutdown-grace-s", "1"])
     api = client_api(own_db, server)

@@ -376,12 +376,13 @@ def test_served_document_is_the_file_byte_for_byte(server):
 
 
 def test_service_endpoints(server):
-    assert check("GET", "/health", requests.get(server.base + "/health", timeout=TIMEOUT)) == {"status": "ok"}
+    for path in ("/health", "/health/live", "/health/ready"):
+        assert check("GET", path, requests.get(server.base + path, timeout=TIMEOUT)) == {"status": "ok"}, path
     metrics = requests.get(server.base + "/metrics", timeout=TIMEOUT)
     assert metrics.headers["Content-Type"].startswith("text/plain")
     assert "ledger_http_requests_total" in check("GET", "/metrics", metrics)
     big = b"x" * (64 * 1024 + 1)
-    for path in ("/health", "/metrics", "/openapi.yaml"):
+    for path in ("/health", "/health/live", "/health/ready", "/metrics", "/openapi.yaml"):
         response = requests.get(server.base + path, data=big, timeout=TIMEOUT)
         assert problem_code(response) == "body-too-large", path
         check("GET", path, response)
@@ -660,7 +661,8 @@ def test_request_id_is_echoed_or_replaced(server):
 
 
 def test_database_unavailable(tokens):
-    """A service whose database is unreachable: 503 with Retry-After on /health and on /v1; /metrics still works."""
+    """A service whose database is unreachable: 503 with Retry-After on /health, /health/ready and /v1; /metrics and
+    /health/live still work."""
     dead = f"host=127.0.0.1 port={lt.free_port()} user=postgres dbname=none connect_timeout=2"
     srv = lt.LedgerServer(None, ["--no-migrate", "--connect-timeout-s", "2"], url=dead)
     try:
@@ -669,6 +671,10 @@ def test_database_unavailable(tokens):
         health = requests.get(srv.base + "/health", timeout=TIMEOUT)
         assert problem_code(health) == "database-unavailable" and health.headers["Retry-After"].isdigit()
         check("GET", "/health", health)
+        ready = requests.get(srv.base + "/health/ready", timeout=TIMEOUT)
+        assert problem_code(ready) == "database-unavailable" and ready.headers["Retry-After"].isdigit()
+        check("GET", "/health/ready", ready)
+        assert check("GET", "/health/live", requests.get(srv.base + "/health/live", timeout=TIMEOUT)) == {"status": "ok"}
         for method, path in sorted(ROUTES):
             if path.startswith("/v1/"):
                 body = POST_BODIES.get(path) or ({"currency": "USD"} if method == "PUT" else None)

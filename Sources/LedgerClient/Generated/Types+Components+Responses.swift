@@ -1053,6 +1053,64 @@ extension Components {
                 self.body = body
             }
         }
+        public struct NotReady: Sendable, Hashable {
+            /// - Remark: Generated from `#/components/responses/NotReady/headers`.
+            public struct Headers: Sendable, Hashable {
+                /// The request's `X-Request-Id` when it was 1-128 visible ASCII characters, else a new UUID.
+                ///
+                /// - Remark: Generated from `#/components/responses/NotReady/headers/X-Request-Id`.
+                public var xRequestId: Components.Headers.XRequestId
+                /// Seconds to wait before retrying (`--retry-after-s`, default 1).
+                ///
+                /// - Remark: Generated from `#/components/responses/NotReady/headers/Retry-After`.
+                public var retryAfter: Components.Headers.RetryAfter
+                /// Creates a new `Headers`.
+                ///
+                /// - Parameters:
+                ///   - xRequestId: The request's `X-Request-Id` when it was 1-128 visible ASCII characters, else a new UUID.
+                ///   - retryAfter: Seconds to wait before retrying (`--retry-after-s`, default 1).
+                public init(
+                    xRequestId: Components.Headers.XRequestId,
+                    retryAfter: Components.Headers.RetryAfter
+                ) {
+                    self.xRequestId = xRequestId
+                    self.retryAfter = retryAfter
+                }
+            }
+            /// Received HTTP response headers
+            public var headers: Components.Responses.NotReady.Headers
+            /// - Remark: Generated from `#/components/responses/NotReady/content`.
+            @frozen public enum Body: Sendable, Hashable {
+                /// - Remark: Generated from `#/components/responses/NotReady/content/application\/problem+json`.
+                case applicationProblemJson(Components.Schemas.Problem)
+                /// The associated value of the enum case if `self` is `.applicationProblemJson`.
+                ///
+                /// - Throws: An error if `self` is not `.applicationProblemJson`.
+                /// - SeeAlso: `.applicationProblemJson`.
+                public var applicationProblemJson: Components.Schemas.Problem {
+                    get throws {
+                        switch self {
+                        case let .applicationProblemJson(body):
+                            return body
+                        }
+                    }
+                }
+            }
+            /// Received HTTP response body
+            public var body: Components.Responses.NotReady.Body
+            /// Creates a new `NotReady`.
+            ///
+            /// - Parameters:
+            ///   - headers: Received HTTP response headers
+            ///   - body: Received HTTP response body
+            public init(
+                headers: Components.Responses.NotReady.Headers,
+                body: Components.Responses.NotReady.Body
+            ) {
+                self.headers = headers
+                self.body = body
+            }
+        }
         public struct PostUnsupportedMediaType: Sendable, Hashable {
             /// - Remark: Generated from `#/components/responses/PostUnsupportedMediaType/headers`.
             public struct Headers: Sendable, Hashable {

@@ -1911,6 +1911,7 @@ extension Components {
             case transferNotReversible = "transfer-not-reversible"
             case versionMismatch = "version-mismatch"
             case databaseUnavailable = "database-unavailable"
+            case shuttingDown = "shutting-down"
             case _internal = "internal"
             case malformedRequest = "malformed-request"
             case transferCodingNotImplemented = "transfer-coding-not-implemented"

@@ -24,6 +24,26 @@ public protocol APIProtocol: Sendable {
     /// - Remark: HTTP `GET /health`.
     /// - Remark: Generated from `#/paths//health/get(getHealth)`.
     func getHealth(_ input: Operations.GetHealth.Input) async throws -> Operations.GetHealth.Output
+    /// Liveness
+    ///
+    /// 200 as long as the process answers HTTP. It does not touch the database: a database outage must not get
+    /// every replica restarted. For a liveness probe.
+    ///
+    ///
+    /// - Remark: HTTP `GET /health/live`.
+    /// - Remark: Generated from `#/paths//health/live/get(getHealthLive)`.
+    func getHealthLive(_ input: Operations.GetHealthLive.Input) async throws -> Operations.GetHealthLive.Output
+    /// Readiness
+    ///
+    /// 200 when the database answers `SELECT 1` and the instance is not shutting down. From the moment it receives
+    /// SIGTERM it answers 503 `shutting-down` while still serving every other request for `--drain-s` seconds, so
+    /// that a balancer stops sending it requests before it closes its listener. For a readiness probe or a
+    /// balancer's health check.
+    ///
+    ///
+    /// - Remark: HTTP `GET /health/ready`.
+    /// - Remark: Generated from `#/paths//health/ready/get(getHealthReady)`.
+    func getHealthReady(_ input: Operations.GetHealthReady.Input) async throws -> Operations.GetHealthReady.Output
     /// Prometheus metrics
     ///
     /// Prometheus text exposition format 0.0.4 (`text/plain; version=0.0.4; charset=utf-8`): request counts and
@@ -271,6 +291,30 @@ extension APIProtocol {
     /// - Remark: Generated from `#/paths//health/get(getHealth)`.
     public func getHealth(headers: Operations.GetHealth.Input.Headers = .init()) async throws -> Operations.GetHealth.Output {
         try await getHealth(Operations.GetHealth.Input(headers: headers))
+    }
+    /// Liveness
+    ///
+    /// 200 as long as the process answers HTTP. It does not touch the database: a database outage must not get
+    /// every replica restarted. For a liveness probe.
+    ///
+    ///
+    /// - Remark: HTTP `GET /health/live`.
+    /// - Remark: Generated from `#/paths//health/live/get(getHealthLive)`.
+    public func getHealthLive(headers: Operations.GetHealthLive.Input.Headers = .init()) async throws -> Operations.GetHealthLive.Output {
+        try await getHealthLive(Operations.GetHealthLive.Input(headers: headers))
+    }
+    /// Readiness
+    ///
+    /// 200 when the database answers `SELECT 1` and the instance is not shutting down. From the moment it receives
+    /// SIGTERM it answers 503 `shutting-down` while still serving every other request for `--drain-s` seconds, so
+    /// that a balancer stops sending it requests before it closes its listener. For a readiness probe or a
+    /// balancer's health check.
+    ///
+    ///
+    /// - Remark: HTTP `GET /health/ready`.
+    /// - Remark: Generated from `#/paths//health/ready/get(getHealthReady)`.
+    public func getHealthReady(headers: Operations.GetHealthReady.Input.Headers = .init()) async throws -> Operations.GetHealthReady.Output {
+        try await getHealthReady(Operations.GetHealthReady.Input(headers: headers))
     }
     /// Prometheus metrics
     ///
