@@ -60,13 +60,13 @@ CREATE INDEX webhook_deliveries_due ON ledger.webhook_deliveries (next_attempt_a
 -- The one way events are written: the events, then one delivery per enabled webhook that wants their type.
 -- PL/pgSQL, so that its plans are kept per connection (a SQL function's are made again at every call), and the
 -- fan-out runs only for a client that has an enabled webhook.
-CREATE FUNCTION ledger.append_events(p_client text, p_type text, p_subjects text[], p_data text[]) RETURNS void
+CREATE FUNCTION ledger.append_events(p_client text, p_type text, p_subjects text[], p_data text[]) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     v_seqs bigint[];
 BEGIN
     IF p_subjects IS NULL THEN
-        RETURN;
+        RETURN 0;
     END IF;
     WITH appended AS (
         INSERT INTO ledger.events (client_id, type, subject, data)
@@ -82,6 +82,7 @@ BEGIN
         FROM ledger.webhooks w CROSS JOIN unnest(v_seqs) AS s(seq)
         WHERE w.client_id = p_client AND w.enabled AND (cardinality(w.types) = 0 OR p_type = ANY (w.types));
     END IF;
+    RETURN cardinality(v_seqs);
 END;
 $$;
 
@@ -856,7 +857,7 @@ COMMENT ON COLUMN ledger.webhooks.secret_key_id IS 'Which service key derives th
 COMMENT ON TABLE ledger.webhook_deliveries IS 'One row per (webhook, event) to deliver, made with the event. Removed once delivered (a 2xx); failed when given up. A row is claimed for one attempt with FOR UPDATE SKIP LOCKED in a short transaction (ledger.claim_deliveries); no transaction stays open during the HTTP call.';
 COMMENT ON COLUMN ledger.webhook_deliveries.attempts IS 'Attempts made (counted when claimed, so an attempt cut by a crash counts).';
 COMMENT ON COLUMN ledger.webhook_deliveries.next_attempt_at IS 'Not attempted before this: the backoff after a failure, or the lease of an attempt in flight.';
-COMMENT ON FUNCTION ledger.append_events(text, text, text[], text[]) IS 'The one way events are written: called by ledger.execute_movements (transfer.created, hold.expired), post_hold, post_capture, post_void and put_account, after every lock their transaction takes, so that events of one transaction are adjacent and events of an account follow its versions. Fans out one webhook delivery per enabled webhook of the type.';
+COMMENT ON FUNCTION ledger.append_events(text, text, text[], text[]) IS 'Returns how many events it appended. The one way events are written: called by ledger.execute_movements (transfer.created, hold.expired), post_hold, post_capture, post_void and put_account, after every lock their transaction takes, so that events of one transaction are adjacent and events of an account follow its versions. Fans out one webhook delivery per enabled webhook of the type.';
 COMMENT ON FUNCTION ledger.sequence_events(text, boolean) IS 'Places a client''s committed events that have no position yet, under its event_heads row lock: transactions in the order of their first event, at most about 10,000 events per call. p_wait false skips a client another transaction is placing.';
 COMMENT ON FUNCTION ledger.sequence_pending_events(integer) IS 'The background placing of ledger serve: up to p_clients clients with unplaced events.';
 COMMENT ON FUNCTION ledger.event_marks(text[]) IS 'Per client: head position + unplaced events; grows with each event that commits. Long-polls wait for it to grow.';
