@@ -11,6 +11,12 @@ public struct PostgresConfiguration: Sendable {
     /// `idle_in_transaction_session_timeout`, in milliseconds: a leaked transaction cannot hold locks forever.
     /// Default 60,000.
     public var idleInTransactionTimeoutMilliseconds: Int
+    /// How long one call (a statement, a BEGIN, a COMMIT) may go unanswered before the connection is given up, in
+    /// milliseconds; 0 for no bound. `statement_timeout` is enforced by the server, so it cannot fire when the
+    /// server (or the path to it) is what stopped answering; this bound is kept by the client. Default: the
+    /// statement timeout plus 5,000 (room for a cancelled statement's answer), or 0 when there is no statement
+    /// timeout.
+    public var callTimeoutMilliseconds: Int
     /// Connections open at most. Default 16.
     public var poolSizeMax: Int
     /// How long `withConnection` waits for a free connection before failing with `.poolAcquireTimeout`.
@@ -26,6 +32,7 @@ public struct PostgresConfiguration: Sendable {
         connectTimeoutSeconds: Int = 5,
         statementTimeoutMilliseconds: Int = 10_000,
         idleInTransactionTimeoutMilliseconds: Int = 60_000,
+        callTimeoutMilliseconds: Int? = nil,
         poolSizeMax: Int = 16,
         acquireWaitMax: Duration = .seconds(5),
         waitersMax: Int = 10_000
@@ -37,6 +44,8 @@ public struct PostgresConfiguration: Sendable {
         self.connectTimeoutSeconds = max(2, connectTimeoutSeconds)
         self.statementTimeoutMilliseconds = statementTimeoutMilliseconds
         self.idleInTransactionTimeoutMilliseconds = idleInTransactionTimeoutMilliseconds
+        self.callTimeoutMilliseconds = max(
+            0, callTimeoutMilliseconds ?? (statementTimeoutMilliseconds > 0 ? statementTimeoutMilliseconds + 5_000 : 0))
         self.poolSizeMax = poolSizeMax
         self.acquireWaitMax = acquireWaitMax
         self.waitersMax = waitersMax

@@ -33,6 +33,12 @@ public final class PostgresConnection: @unchecked Sendable {
         var cancel: CancelHandle?
         var running: UInt64 = 0
         var next: UInt64 = 0
+        /// When the running call started (`DispatchTime` uptime), for the call deadline.
+        var startedNanoseconds: UInt64 = 0
+        /// The connection's socket while it is open: shut down (never closed) when a call misses its deadline.
+        var socket: Int32?
+        /// Set when the deadline gave the connection up: the call's error then says why.
+        var abandoned = false
     }
 
     /// libpq's `PGcancel`, freed when the last user lets go: a cancellation sent from another thread keeps it alive
@@ -51,7 +57,9 @@ public final class PostgresConnection: @unchecked Sendable {
     init(handle: OpaquePointer, threadPool: NIOThreadPool, localSettings: String) {
         self.handle = handle
         self.threadPool = threadPool
-        self.canceller = Mutex(Canceller(cancel: CancelHandle(PQgetCancel(handle))))
+        let socket = PQsocket(handle)
+        self.canceller = Mutex(
+            Canceller(cancel: CancelHandle(PQgetCancel(handle)), socket: socket >= 0 ? socket : nil))
         self.localSettings = localSettings
     }
 
@@ -88,18 +96,49 @@ public final class PostgresConnection: @unchecked Sendable {
     /// too (`PQcancel`), so that it ends now with 57014 instead of running on to its statement timeout.
     @discardableResult
     public func query(_ sql: String, _ binds: [PostgresBind] = []) async throws -> PostgresRows {
+        try await call { try self.queryBlocking(sql, binds) }
+    }
+
+    /// Runs one blocking libpq call on the thread pool as the connection's running call: cancellable with the
+    /// calling task, and watched by the pool against the call deadline (`abandonIfOverdue`).
+    private func call<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
         let statement = canceller.withLock { state -> UInt64 in
             state.next += 1
             return state.next
         }
         return try await withTaskCancellationHandler {
             try await threadPool.runIfActive {
-                self.canceller.withLock { $0.running = statement }
+                self.canceller.withLock {
+                    $0.running = statement
+                    $0.startedNanoseconds = DispatchTime.now().uptimeNanoseconds
+                }
                 defer { self.canceller.withLock { $0.running = 0 } }
-                return try self.queryBlocking(sql, binds)
+                do {
+                    return try body()
+                } catch let error as PostgresError where self.canceller.withLock({ $0.abandoned }) {
+                    throw PostgresError(
+                        code: error.code == .commitOutcomeUnknown ? error.code : .connectionLost,
+                        message: "no answer from the server within the call timeout: the connection was dropped")
+                }
             }
         } onCancel: {
             cancelStatement(statement)
+        }
+    }
+
+    /// Gives the connection up when its running call has waited longer than `timeoutNanoseconds`: the socket is shut
+    /// down (not closed, so its descriptor cannot be reused under libpq), which wakes the blocked call with a lost
+    /// connection at once; the pool then discards the connection, and the server rolls back whatever it had not
+    /// committed when it notices. Called by the pool's watchdog, from any thread. Returns whether it gave up.
+    func abandonIfOverdue(nowNanoseconds: UInt64, timeoutNanoseconds: UInt64) -> Bool {
+        canceller.withLock { state in
+            guard state.running != 0, !state.abandoned, let socket = state.socket,
+                nowNanoseconds > state.startedNanoseconds,
+                nowNanoseconds - state.startedNanoseconds > timeoutNanoseconds
+            else { return false }
+            state.abandoned = true
+            _ = shutdown(socket, Int32(SHUT_RDWR))
+            return true
         }
     }
 
@@ -132,7 +171,7 @@ public final class PostgresConnection: @unchecked Sendable {
     public func withTransaction<T: Sendable>(
         _ body: (PostgresConnection) async throws -> T
     ) async throws -> T {
-        try await threadPool.runIfActive { try self.beginBlocking() }
+        try await call { try self.beginBlocking() }
         let value: T
         do {
             value = try await body(self)
@@ -177,7 +216,10 @@ public final class PostgresConnection: @unchecked Sendable {
 
     /// Closes the connection now; later calls fail with `.connectionLost`.
     public func close() {
-        canceller.withLock { $0.cancel = nil }
+        canceller.withLock {
+            $0.cancel = nil
+            $0.socket = nil
+        }
         if let handle {
             PQfinish(handle)
             self.handle = nil
@@ -428,7 +470,7 @@ extension PostgresConnection {
     /// Only for SQL that ships with the program: it goes through the simple query protocol, which is why it takes no
     /// binds and must never see input from a request.
     public func executeScript(_ sql: String) async throws {
-        try await threadPool.runIfActive { try self.executeScriptBlocking(sql) }
+        try await call { try self.executeScriptBlocking(sql) }
     }
 
     func executeScriptBlocking(_ sql: String) throws {

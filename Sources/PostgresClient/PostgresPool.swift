@@ -1,3 +1,4 @@
+import Dispatch
 import Logging
 import NIOPosix
 import Synchronization
@@ -53,6 +54,32 @@ public final class PostgresPool: Sendable {
         self.threadPool = NIOThreadPool(numberOfThreads: configuration.poolSizeMax + 1)
         self.threadPool.start()
         self.state = Mutex(State())
+        startWatchdog()
+    }
+
+    /// Keeps the call deadline (`callTimeoutMilliseconds`): a few times per deadline, every leased connection whose
+    /// running call has waited longer is given up (`PostgresConnection.abandonIfOverdue`). One task per pool, so a
+    /// call pays nothing for its deadline but two clock reads under a lock it takes anyway.
+    private func startWatchdog() {
+        let timeoutMilliseconds = configuration.callTimeoutMilliseconds
+        guard timeoutMilliseconds > 0 else { return }
+        let interval = Duration.milliseconds(min(250, max(10, timeoutMilliseconds / 4)))
+        let timeoutNanoseconds = UInt64(timeoutMilliseconds) * 1_000_000
+        Task { [weak self] in
+            while true {
+                try? await Task.sleep(for: interval)
+                guard let self else { return }
+                let (closed, leased) = self.state.withLock { ($0.closed, Array($0.leased.values)) }
+                if closed { return }
+                let now = DispatchTime.now().uptimeNanoseconds
+                for connection in leased
+                where connection.abandonIfOverdue(nowNanoseconds: now, timeoutNanoseconds: timeoutNanoseconds) {
+                    self.logger.warning(
+                        "a database call went unanswered past the call timeout; its connection was dropped",
+                        metadata: ["postgres.call_timeout_ms": "\(timeoutMilliseconds)"])
+                }
+            }
+        }
     }
 
     public var stats: Stats {

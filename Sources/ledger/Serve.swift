@@ -48,6 +48,9 @@ extension LedgerCommand {
         @Option(name: .customLong("statement-timeout-ms"), help: "statement_timeout of every connection in ms; a statement over it is 503 (env: LEDGER_STATEMENT_TIMEOUT_MS; default: 10000).")
         var statementTimeoutMilliseconds: Int?
 
+        @Option(name: .customLong("database-call-timeout-ms"), help: "How long one database call may go unanswered before its connection is dropped and the request answered 503, in ms; kept by the service, so it holds when the database host or the network stops answering; 0 for no bound (env: LEDGER_DATABASE_CALL_TIMEOUT_MS; default: the statement timeout + 5000).")
+        var databaseCallTimeoutMilliseconds: Int?
+
         @Option(name: .customLong("key-wait-ms"), help: "How long a request waits for another execution of the same Idempotency-Key before 409 idempotency-key-in-progress, in ms (env: LEDGER_KEY_WAIT_MS; default: 5000).")
         var keyWaitMilliseconds: Int?
 
@@ -100,12 +103,16 @@ extension LedgerCommand {
         func run() async throws {
             Self.boundMallocArenas()
             let logger = try database.makeLogger(label: "ledger")
+            let statementTimeout = try Environment.int(
+                "LEDGER_STATEMENT_TIMEOUT_MS", flag: statementTimeoutMilliseconds, default: 10_000, range: 1...3_600_000)
             let postgres = PostgresConfiguration(
                 conninfo: database.conninfo,
                 connectTimeoutSeconds: try Environment.int(
                     "LEDGER_CONNECT_TIMEOUT_S", flag: connectTimeoutSeconds, default: 5, range: 2...600),
-                statementTimeoutMilliseconds: try Environment.int(
-                    "LEDGER_STATEMENT_TIMEOUT_MS", flag: statementTimeoutMilliseconds, default: 10_000, range: 1...3_600_000),
+                statementTimeoutMilliseconds: statementTimeout,
+                callTimeoutMilliseconds: try Environment.int(
+                    "LEDGER_DATABASE_CALL_TIMEOUT_MS", flag: databaseCallTimeoutMilliseconds,
+                    default: statementTimeout + 5_000, range: 0...3_600_000),
                 poolSizeMax: try Environment.int("LEDGER_POOL_SIZE", flag: poolSize, default: 16, range: 1...1_000),
                 acquireWaitMax: .milliseconds(
                     try Environment.int(

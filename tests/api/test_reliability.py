@@ -192,6 +192,7 @@ class CuttingProxy:
         self.port = self.listener.getsockname()[1]
         self.armed: str | None = None
         self.cuts = 0
+        self.frozen = False
         self.lock = threading.Lock()
         self.closed = False
         threading.Thread(target=self.accept_loop, daemon=True).start()
@@ -199,6 +200,12 @@ class CuttingProxy:
     def arm(self, mode: str) -> None:
         with self.lock:
             self.armed = mode
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Frozen, nothing is forwarded either way and every socket stays open: what a frozen database host or a
+        partition that drops packets looks like from the service (TCP itself still answers, so no keepalive or TCP
+        timeout ends the wait)."""
+        self.frozen = frozen
 
     def take(self, mode: str) -> bool:
         with self.lock:
@@ -221,7 +228,10 @@ class CuttingProxy:
         sockets = [client, server]
         try:
             while True:
-                readable, _, _ = select.select(sockets, [], [], 1.0)
+                if self.frozen:
+                    time.sleep(0.05)
+                    continue
+                readable, _, _ = select.select(sockets, [], [], 0.1)
                 for s in readable:
                     data = s.recv(65536)
                     if not data:
@@ -241,18 +251,24 @@ class CuttingProxy:
         self.listener.close()
 
 
-@pytest.mark.parametrize("cut, replayed", [("reply", True), ("request", False)])
-def test_connection_lost_around_commit_answers_503_and_the_retry_executes_exactly_once(own_db, serve, cut, replayed):
+def serve_behind_proxy(own_db, serve, flags):
+    """A `ledger serve` whose every database connection goes through a CuttingProxy in front of PostgreSQL."""
     parts = dict(p.split("=", 1) for p in lt.PG_ADMIN.split())
     proxy = CuttingProxy(int(parts["port"]))
     url = f"host=127.0.0.1 port={proxy.port} user={parts.get('user', 'postgres')} dbname={own_db}"
+    port = lt.free_port()
+    server = serve(["--hostname", "127.0.0.1", "--port", str(port), "--database-url", url, *flags],
+                   use_flags=False, port=port)
+    return proxy, server
+
+
+@pytest.mark.parametrize("cut, replayed", [("reply", True), ("request", False)])
+def test_connection_lost_around_commit_answers_503_and_the_retry_executes_exactly_once(own_db, serve, cut, replayed):
     # One connection, so the armed cut hits the statement of the request below and nothing else: the background
     # work (purge, hold sweep, webhook deliveries) is made rare enough not to take it.
-    port = lt.free_port()
-    server = serve(
-        ["--hostname", "127.0.0.1", "--port", str(port), "--database-url", url, "--pool-size", "1",
-         "--purge-interval-s", "3600", "--hold-sweep-interval-ms", "3600000", "--webhook-poll-interval-ms", "60000"],
-        use_flags=False, port=port)
+    proxy, server = serve_behind_proxy(own_db, serve, [
+        "--pool-size", "1", "--purge-interval-s", "3600", "--hold-sweep-interval-ms", "3600000",
+        "--webhook-poll-interval-ms", "60000"])
     try:
         api = client_api(own_db, server)
         account = api.funded_account(1000)   # also warms the token cache: the next statement is the transfer's
@@ -271,6 +287,57 @@ def test_connection_lost_around_commit_answers_503_and_the_retry_executes_exactl
         assert api.balance(account) == 900
         third = api.debit(account, 100, key=key)
         lt.assert_replay_of(again, third)
+        assert lt.verify(own_db).returncode == 0
+    finally:
+        proxy.close()
+
+
+def test_a_database_that_stops_answering_is_503_within_the_call_timeout_and_recovers(own_db, serve):
+    """The database host freezes (the relay keeps every socket open and forwards nothing): `statement_timeout`
+    cannot fire and TCP notices nothing, so only the service's own deadline per call ends the wait. Writes, reads
+    and /health all answer 503 in bounded time, and the service recovers when the database answers again."""
+    proxy, server = serve_behind_proxy(own_db, serve, [
+        "--pool-size", "2", "--statement-timeout-ms", "1000", "--database-call-timeout-ms", "2000",
+        "--connect-timeout-s", "2", "--pool-acquire-wait-ms", "1000", "--auth-cache-ttl-ms", "600000"])
+    try:
+        api = client_api(own_db, server)
+        account = api.funded_account(1000)   # also caches the token: the requests below reach the database
+        key = lt.uid("k-")
+        proxy.freeze()
+        outcomes = {}
+
+        def timed(name, call):
+            started = time.monotonic()
+            outcomes[name] = (call(), time.monotonic() - started)
+
+        calls = [threading.Thread(target=timed, args=args) for args in [
+            ("debit", lambda: api.clone().debit(account, 100, key=key)),
+            ("read", lambda: api.clone().get_account(account)),
+            ("health", lambda: requests.get(server.base + "/health", timeout=30)),
+        ]]
+        for thread in calls:
+            thread.start()
+        for thread in calls:
+            thread.join(40)
+        for name in ("debit", "read", "health"):
+            response, elapsed = outcomes[name]
+            lt.assert_problem(response, 503, "database-unavailable")
+            # The call timeout (2 s), then at most a reconnect attempt (connect timeout 2 s) and the pool wait (1 s).
+            assert elapsed < 8, f"{name} took {elapsed:.1f}s to fail while the database did not answer"
+        assert outcomes["health"][1] < 4, "health has a short deadline of its own"
+    finally:
+        proxy.freeze(False)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and requests.get(server.base + "/health", timeout=10).status_code != 200:
+            time.sleep(0.2)
+        # Whatever the frozen connections had sent may reach the server now; the key makes the retry exactly once.
+        again = api.debit(account, 100, key=key)
+        assert again.status_code == 201, lt.describe(again)
+        assert api.balance(account) == 900
+        count = lt.psql(own_db, f"SELECT count(*) FROM ledger.transfers WHERE idempotency_key = {lt.sql_literal(key)}")
+        assert count == "1"
+        assert server.proc.poll() is None
         assert lt.verify(own_db).returncode == 0
     finally:
         proxy.close()
