@@ -48,7 +48,7 @@ public struct LedgerStoreError: Error, Sendable, CustomStringConvertible, Custom
     /// failures a retry after a pause can outlive.
     init(_ error: PostgresError, retryAfterSeconds: Int) {
         let code: Code
-        if error.isTransientConflict {
+        if error.isWorthRunningAgain {
             code = .conflictExhausted
         } else if error.isConnectionError || error.isQueryCanceled || error.isLockTimeout
             || (error.sqlState?.hasPrefix("53") ?? false)

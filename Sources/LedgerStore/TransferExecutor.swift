@@ -91,14 +91,15 @@ struct TransferExecutor: Sendable {
         }
     }
 
-    /// Runs `body` again when the database rolled it back as a serialization failure or deadlock: by definition
-    /// nothing of it was committed, so running it again is safe. Bounded by `conflictRetriesMax`.
+    /// Runs `body` again when the database rolled it back as a serialization failure, a deadlock or a collision of
+    /// random transfer ids: by definition nothing of it was committed, so running it again is safe. Bounded by
+    /// `conflictRetriesMax`.
     func retryingConflicts<T: Sendable>(_ body: () async throws -> T) async throws -> T {
         var attempt = 0
         while true {
             do {
                 return try await body()
-            } catch let error as PostgresError where error.isTransientConflict && attempt < conflictRetriesMax {
+            } catch let error as PostgresError where error.isWorthRunningAgain && attempt < conflictRetriesMax {
                 attempt += 1
                 logger.debug(
                     "retrying after a transient conflict",
@@ -107,4 +108,13 @@ struct TransferExecutor: Sendable {
             }
         }
     }
+}
+
+extension PostgresError {
+    /// A new transfer drew a random id the client already has (sql/0011_transfer_ids.sql): its transaction rolled
+    /// back whole, and running it again draws new ids.
+    var isTransferIdCollision: Bool { sqlState == "23505" && constraint == "transfers_pkey" }
+
+    /// Whether running the whole transaction again is safe and may succeed.
+    var isWorthRunningAgain: Bool { isTransientConflict || isTransferIdCollision }
 }

@@ -63,6 +63,10 @@ def http_call(op: dict) -> tuple[str, dict]:
 def prepare(db: str) -> tuple[lt.Api, lt.LedgerServer]:
     """A migrated database with the accounts, funded identically, and a server on it with group commit off."""
     lt.migrate(db)
+    # Transfer ids are random (sql/0011_transfer_ids.sql); here they come from a sequence of the database's own, so
+    # that the same transfers made in the same order get the same ids on every path and the ledgers compare whole.
+    lt.psql(db, "CREATE SEQUENCE public.transfer_ids; "
+                "ALTER TABLE ledger.transfers ALTER COLUMN id SET DEFAULT nextval('public.transfer_ids')")
     token = lt.create_token(db, CLIENT)
     srv = lt.LedgerServer.healthy(db, extra_args=["--batch-max", "1"])
     api = lt.Api(srv.base, token, CLIENT)
@@ -129,7 +133,7 @@ def stored_bodies(db: str) -> dict[str, tuple[int, dict]]:
 
 def ledger_rows(db: str) -> dict:
     """Accounts (balance, version), entries and transfers, with created_at left out and transfer ids as they are:
-    each database starts empty and makes the same transfers in the same order."""
+    each database starts empty and makes the same transfers in the same order, its ids from a sequence (prepare)."""
     c = lt.sql_literal(CLIENT)
     accounts = lt.psql(db, f"SELECT id, currency, balance, version FROM ledger.accounts WHERE client_id = {c} ORDER BY id")
     entries = lt.psql(db, "SELECT account_id, account_version, transfer_id, amount, balance_after FROM ledger.entries "

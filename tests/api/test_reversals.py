@@ -343,15 +343,20 @@ def test_concurrent_reversals_of_many_transfers_with_debits(api_a):
     assert api_a.account(bob)["balance"] == 0
 
 
-def test_stored_transfer_not_found_replays_after_the_id_exists(api_a):
+def test_stored_transfer_not_found_replays_after_the_id_exists(api_a, main_db):
     alice = api_a.funded_account(1000)
     bob = api_a.new_account()
-    t = made(api_a.transfer(alice, bob, 10))
-    future = str(int(t["id"]) + 1)
+    made(api_a.transfer(alice, bob, 10))
+    future = str(2**61 + int(lt.uid("")[-6:], 16))   # ids are random: the next transfer is given this one below
     k = lt.uid("k-")
     first = reverse(api_a, future, key=k)
     lt.assert_problem(first, 404, "transfer-not-found")
-    nxt = made(api_a.transfer(alice, bob, 20))
+    lt.psql(main_db, f"ALTER TABLE ledger.transfers ALTER COLUMN id SET DEFAULT {future}")
+    try:
+        nxt = made(api_a.transfer(alice, bob, 20))
+    finally:
+        lt.psql(main_db, "ALTER TABLE ledger.transfers ALTER COLUMN id SET DEFAULT ledger.random_transfer_id()")
+    assert nxt["id"] == future
     lt.assert_replay_of(first, reverse(api_a, future, key=k))
     assert transfer_now(api_a, nxt["id"])["reversed_amount"] == 0
     assert bal(api_a, bob) == (30, 2)
