@@ -125,10 +125,12 @@ let package = Package(
         ),
         // A client of the HTTP API for services that post money: typed calls generated from the served description
         // (Generated/, made by scripts/openapi-client; the build runs no generator), a retry policy that resends the
-        // same key and bytes, and typed problems. It knows nothing of the server's targets.
+        // same key and bytes, and typed problems. Of the server's targets it shares only LedgerCore (pure: no
+        // database, no server), for what both sides parse alike (Retry-After).
         .target(
             name: "LedgerClient",
             dependencies: [
+                "LedgerCore",
                 .product(name: "OpenAPIRuntime", package: "swift-openapi-runtime"),
                 .product(name: "OpenAPIAsyncHTTPClient", package: "swift-openapi-async-http-client"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),

@@ -1,5 +1,6 @@
 import Foundation
 import HTTPTypes
+import LedgerCore
 import OpenAPIRuntime
 
 /// Sends a request again, with the same key and the same body bytes, until an answer is definitive or the policy's

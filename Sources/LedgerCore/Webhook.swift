@@ -224,9 +224,13 @@ public enum WebhookSignature {
 
 /// When a failed delivery is tried again.
 public enum WebhookRetry {
+    /// The longest wait a receiver's Retry-After can ask for: a day. Beyond it a hostile or broken receiver could
+    /// park its deliveries for ever (or past what an interval holds).
+    public static let retryAfterMaxMs = 86_400_000
+
     /// Exponential backoff with jitter: attempt n (1-based) failed, the next waits between half and all of
     /// min(max, base * 2^(n-1)) milliseconds (`random` in 0..<1), and never less than `retryAfterMs` (a 429 or
-    /// 503's Retry-After), even beyond max.
+    /// 503's Retry-After, parsed by `RetryAfter.delayMs`), even beyond max, up to `retryAfterMaxMs`.
     public static func delayMilliseconds(
         afterAttempt attempt: Int, baseMs: Int, maxMs: Int, retryAfterMs: Int?, random: Double
     ) -> Int {
@@ -234,21 +238,6 @@ public enum WebhookRetry {
         let exponent = min(attempt - 1, 40)
         let ceiling = Double(min(Double(maxMs), Double(baseMs) * pow(2, Double(exponent))))
         let delay = Int(ceiling / 2 + ceiling / 2 * min(max(random, 0), 1))
-        return max(delay, retryAfterMs ?? 0)
-    }
-
-    /// A `Retry-After` value in milliseconds from `now`: delta-seconds or an HTTP-date (IMF-fixdate); nil when
-    /// malformed. A date in the past is 0.
-    public static func retryAfterMilliseconds(_ value: String, now: Date = Date()) -> Int? {
-        let text = value.trimmingOWS
-        if !text.isEmpty, text.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) {
-            return text.count > 9 ? Int.max / 2 : Int(text)! * 1_000
-        }
-        let formatter = DateFormatter()
-        formatter.locale = Locale(identifier: "en_US_POSIX")
-        formatter.timeZone = TimeZone(identifier: "GMT")
-        formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss 'GMT'"
-        guard let date = formatter.date(from: String(text)) else { return nil }
-        return max(0, Int((date.timeIntervalSince(now) * 1_000).rounded(.up)))
+        return max(delay, min(retryAfterMs ?? 0, retryAfterMaxMs))
     }
 }

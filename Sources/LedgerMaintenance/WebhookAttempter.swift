@@ -85,7 +85,7 @@ struct WebhookAttempter: Sendable {
             let status = Int(response.status.code)
             var retryAfter: Int?
             if status == 429 || status == 503, let value = response.headers.first(name: "retry-after") {
-                retryAfter = WebhookRetry.retryAfterMilliseconds(value)
+                retryAfter = RetryAfter.delayMs(value)
             }
             _ = try? await response.body.collect(upTo: Self.answerBytesMax)
             return (status, retryAfter, status < 300 ? nil : "answered \(status)")

@@ -1,5 +1,5 @@
 import Foundation
-import LedgerClient
+import LedgerCore
 import Testing
 
 @Suite("Retry-After: delta-seconds and HTTP-dates")

@@ -77,11 +77,15 @@ struct WebhookTests {
         #expect(WebhookRetry.delayMilliseconds(afterAttempt: 3, baseMs: 100, maxMs: 1000, retryAfterMs: nil, random: 1) == 400)
         #expect(WebhookRetry.delayMilliseconds(afterAttempt: 60, baseMs: 100, maxMs: 1000, retryAfterMs: nil, random: 1) == 1000)
         #expect(WebhookRetry.delayMilliseconds(afterAttempt: 2, baseMs: 100, maxMs: 1000, retryAfterMs: 5000, random: 0) == 5000)
+        // A receiver asking for more than a day gets a day: its delivery is neither parked for ever nor past what
+        // the database's interval holds.
+        let huge = RetryAfter.delayMs("99999999999999999999")
+        #expect(WebhookRetry.delayMilliseconds(afterAttempt: 2, baseMs: 100, maxMs: 1000, retryAfterMs: huge, random: 0) == 86_400_000)
         let now = Date(timeIntervalSince1970: 1_000_000_000)
-        #expect(WebhookRetry.retryAfterMilliseconds("7", now: now) == 7000)
-        #expect(WebhookRetry.retryAfterMilliseconds("Sun, 09 Sep 2001 01:46:50 GMT", now: now) == 10_000)
-        #expect(WebhookRetry.retryAfterMilliseconds("Sat, 01 Jan 2000 00:00:00 GMT", now: now) == 0)
-        #expect(WebhookRetry.retryAfterMilliseconds("soon", now: now) == nil)
+        #expect(RetryAfter.delayMs("7", now: now) == 7000)
+        #expect(RetryAfter.delayMs("Sun, 09 Sep 2001 01:46:50 GMT", now: now) == 10_000)
+        #expect(RetryAfter.delayMs("Sat, 01 Jan 2000 00:00:00 GMT", now: now) == 0)
+        #expect(RetryAfter.delayMs("soon", now: now) == nil)
     }
 
     @Test("GET /v1/events queries: limit, wait_s, then the form of after")
