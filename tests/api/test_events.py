@@ -166,10 +166,15 @@ def test_another_clients_cursor_and_events_stay_apart(fresh, api_b):
     theirs = follow(api_b)
     assert not any(e["data"].get("id") == "alice" for e in theirs if e["type"] == "account.created"
                    and e["data"]["created_at"] == mine[0]["data"]["created_at"])
-    # A cursor another client was given is not this one's (unless it happens to have as many events).
-    fresh_count = len(mine)
-    r = fresh.get("/v1/events", params={"after": str(fresh_count + 1000)})
-    assert r.status_code == 400
+    # An id the service issued to the other client and never to this one (beyond this client's head) is not a
+    # cursor this client may pass: 400 invalid-cursor, not the other client's events and not an empty page.
+    for _ in range(len(mine) + 2 - len(theirs)):
+        api_b.put_account(lt.uid("pad-"))
+    theirs = follow(api_b)
+    assert int(theirs[-1]["id"]) > int(mine[-1]["id"])
+    lt.assert_problem(fresh.get("/v1/events", params={"after": theirs[-1]["id"]}), 400, "invalid-cursor")
+    # The same id is fine for the client it was issued to.
+    assert lt.assert_json(api_b.get("/v1/events", params={"after": theirs[-1]["id"]}), 200)["events"] == []
 
 
 def test_a_long_poll_answers_soon_after_a_commit(fresh):
