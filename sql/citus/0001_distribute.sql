@@ -7,10 +7,10 @@
 -- - clients, api_tokens and service_keys are reference tables (a copy on every node): every request reads them;
 -- - every other table of schema ledger (all keyed by client_id first: ShardKeyTests checks it) is distributed by
 --   client_id, colocated with ledger.accounts, so one client's rows of every table are on one node;
--- - every function whose first argument is the client (p_client) is distributed by it: a request's one call is
---   delegated to the worker that holds the client, and runs there as one single-shard transaction (its advisory
---   locks are that worker's, which is enough as every lock key leads with the client); the other functions are
---   copied to every node.
+-- - every function whose first argument is the client (p_client) is distributed by it, with force_delegation: a
+--   request's one call is delegated to the worker that holds the client, also inside a transaction block, and runs
+--   there as one single-shard transaction (its advisory locks are that worker's, which is enough as every lock key
+--   leads with the client and every execution of a key runs there); the other functions are copied to every node.
 -- ledger.schema_migrations stays a local table of the coordinator, where `ledger migrate` runs.
 --
 -- Citus refuses to distribute a table while local tables hold foreign keys to it, and distributing drops the views
@@ -219,6 +219,13 @@ $plans$;
 
 -- Functions: by the client where they take it first, else copied to every node. Run every time: a function that
 -- a later migration replaced is distributed again.
+--
+-- By the client with force_delegation: Citus delegates a call of a distributed function only outside a transaction
+-- block unless the function is marked so. A keyed call made inside one (BEGIN; SELECT ledger.post_hold(...); or
+-- several statements in one simple query) would otherwise run on the coordinator, whose statements reach the
+-- client's shards but whose advisory locks, the key locks, are the coordinator's own: it would neither see nor
+-- take the lock that every delegated execution of the key takes on the worker, and both would execute. Marked,
+-- the call runs on the client's worker in either shape, in the surrounding transaction there when there is one.
 DO $functions$
 DECLARE
     v_function record;
@@ -231,7 +238,8 @@ BEGIN
         ORDER BY p.oid
     LOOP
         IF v_function.by_client THEN
-            PERFORM create_distributed_function(v_function.signature::regprocedure, '$1', colocate_with => 'ledger.accounts');
+            PERFORM create_distributed_function(v_function.signature::regprocedure, '$1',
+                colocate_with => 'ledger.accounts', force_delegation => true);
         ELSE
             PERFORM create_distributed_function(v_function.signature::regprocedure);
         END IF;
