@@ -539,6 +539,19 @@ def assert_problem(r, status: int, code: str) -> dict:
     return body
 
 
+def retrying_503(call, attempts: int = 10):
+    """`call()` again, with the same key and body, while it answers 503 (what a client does: a 503 stored nothing),
+    waiting its Retry-After (at least 0.2 s) in between; returns the last answer. For what must execute once the
+    database answers in time again, on a machine that may be slow: a 500 ms statement bound on a loaded cluster."""
+    r = call()
+    for _ in range(attempts - 1):
+        if r.status_code != 503:
+            break
+        time.sleep(max(0.2, float(r.headers.get("Retry-After", "0") or 0)))
+        r = call()
+    return r
+
+
 def assert_json(r, status: int):
     assert r.status_code == status, f"expected {status}; got {describe(r)}"
     ctype = r.headers.get("Content-Type", "")
