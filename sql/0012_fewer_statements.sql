@@ -630,7 +630,7 @@ $$;
 
 -- One CHECK per table written by every transfer, its conditions in an IMMUTABLE PL/pgSQL function of the row's
 -- columns. PostgreSQL reads every CHECK's stored expression tree back from its text and plans it again for each
--- statement that writes the table; for the 18 conditions here that was a fifth of the instructions of a one-transfer
+-- statement that writes the table; for the 17 conditions here that was a fifth of the instructions of a one-transfer
 -- call, in proportion to the text (merging them into one expression per table saved nothing). A call with column
 -- arguments is a short text; the function's own expression is planned once per connection. The conditions are
 -- those of 0001, 0005, 0008 and 0009, word for word; accounts_non_negative stays on its own. Adding them scans each
