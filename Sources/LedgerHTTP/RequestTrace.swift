@@ -24,7 +24,26 @@ final class RequestTrace {
         if let header, (1...128).contains(header.utf8.count), header.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) {
             return header
         }
-        return UUID().uuidString.lowercased()
+        return newRequestID()
+    }
+
+    /// This process's random 64 bits, then a count: unique across replicas and restarts without a system call per
+    /// request (Foundation's `UUID()` opened, read and closed /dev/urandom each time: 6 % of the service's CPU when
+    /// it answers replays). A request id is a label for logs, not a secret.
+    private static let processPrefix: String = {
+        var generator = SystemRandomNumberGenerator()
+        return hex16(generator.next())
+    }()
+    private static let requestCount = Atomic<UInt64>(0)
+
+    static func newRequestID() -> String {
+        let count = requestCount.wrappingAdd(1, ordering: .relaxed).newValue
+        return processPrefix + "-" + hex16(count)
+    }
+
+    /// The 16 hex digits of a value, most significant first.
+    private static func hex16(_ value: UInt64) -> String {
+        Hex.encode(stride(from: 56, through: 0, by: -8).map { UInt8(truncatingIfNeeded: value >> UInt64($0)) })
     }
 }
 

@@ -90,7 +90,12 @@ struct RoutingTests {
         for bad in [nil, "", "has space", String(repeating: "x", count: 129), "tab\there", "é"] {
             let generated = RequestTrace.requestID(from: bad)
             #expect(generated != bad)
-            #expect(generated.count == 36)
+            #expect(generated.count == 33)
         }
+        // Generated ids: this process's random prefix, then a count; never the same twice.
+        let ids = (0..<1000).map { _ in RequestTrace.requestID(from: nil) }
+        #expect(Set(ids).count == ids.count)
+        #expect(Set(ids.map { $0.prefix(17) }).count == 1)
+        #expect(ids.allSatisfy { $0.utf8.allSatisfy { "0123456789abcdef-".utf8.contains($0) } })
     }
 }
