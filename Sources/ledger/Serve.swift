@@ -92,6 +92,9 @@ extension LedgerCommand {
         @Option(name: .customLong("hold-sweep-interval-ms"), help: "Milliseconds between sweeps that record holds past their expires_at as expired (env: LEDGER_HOLD_SWEEP_INTERVAL_MS; default: 1000).")
         var holdSweepIntervalMilliseconds: Int?
 
+        @Option(name: .customLong("memory-trim-interval-s"), help: "Seconds between returns of freed heap memory to the system (glibc keeps it after bursts); 0 turns it off (env: LEDGER_MEMORY_TRIM_INTERVAL_S; default: 10).")
+        var memoryTrimIntervalSeconds: Int?
+
         @OptionGroup var events: EventFlags
 
         @Option(name: .customLong("shutdown-grace-s"), help: "On SIGTERM/SIGINT, seconds in-flight requests get to finish before they are cancelled (env: LEDGER_SHUTDOWN_GRACE_S; default: 25).")
@@ -176,8 +179,12 @@ extension LedgerCommand {
                 delay: .seconds(try Environment.int("LEDGER_DRAIN_S", flag: drainSeconds, default: 0, range: 0...3_600)),
                 logger: logger)
             let deliveries = WebhookDeliveryService(store: store, options: try events.deliveryOptions(), logger: logger)
+            let trimIntervalSeconds = try Environment.int(
+                "LEDGER_MEMORY_TRIM_INTERVAL_S", flag: memoryTrimIntervalSeconds, default: 10, range: 0...3_600)
+            var services: [any Service] = [purge, sweep, deliveries]
+            if trimIntervalSeconds > 0 { services.append(MemoryTrimService(interval: .seconds(trimIntervalSeconds))) }
             let app = try buildApplication(
-                store: store, configuration: configuration, services: [purge, sweep, deliveries], metricsRegistry: registry,
+                store: store, configuration: configuration, services: services, metricsRegistry: registry,
                 readiness: readiness, logger: logger)
             // SIGTERM/SIGINT: /health/ready fails and the drain delay runs (the drain is last, so it stops first);
             // then stop accepting, let in-flight requests finish (bounded), then close the pool.
