@@ -10,13 +10,6 @@ import Prometheus
 import ServiceLifecycle
 import UnixSignals
 
-#if os(Linux)
-/// glibc's `int mallopt(int param, int value)` (malloc.h, which the Glibc module leaves out).
-@_silgen_name("mallopt") private func glibcMallopt(_ parameter: Int32, _ value: Int32) -> Int32
-/// `M_ARENA_MAX` of malloc.h.
-private let glibcMallocArenaMax: Int32 = -8
-#endif
-
 extension LedgerCommand {
     struct Serve: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -104,7 +97,7 @@ extension LedgerCommand {
         var drainSeconds: Int?
 
         func run() async throws {
-            Self.boundMallocArenas()
+            GlibcMalloc.boundArenas()
             let logger = try database.makeLogger(label: "ledger")
             let statementTimeout = try Environment.int(
                 "LEDGER_STATEMENT_TIMEOUT_MS", flag: statementTimeoutMilliseconds, default: 10_000, range: 1...3_600_000)
@@ -194,15 +187,6 @@ extension LedgerCommand {
                 try Environment.int("LEDGER_SHUTDOWN_GRACE_S", flag: shutdownGraceSeconds, default: 25, range: 1...3_600))
             group.maximumCancellationDuration = .seconds(5)
             try await withDatabaseErrors { try await ServiceGroup(configuration: group).run() }
-        }
-
-        /// glibc gives each thread that allocates under contention an arena of its own, up to 8 per core, and each
-        /// keeps what its threads freed: after bursts of 1 MiB batch bodies that is megabytes of RSS per arena. Two
-        /// arenas keep the footprint bounded at no measurable cost (BENCHMARKS.md). `MALLOC_ARENA_MAX` still wins.
-        static func boundMallocArenas() {
-            #if os(Linux)
-            if Environment.string("MALLOC_ARENA_MAX") == nil { _ = glibcMallopt(glibcMallocArenaMax, 2) }
-            #endif
         }
     }
 }
